@@ -1,0 +1,247 @@
+"""CKKS encrypted aggregation of reward scores (TenSEAL only; no hand-written HE).
+
+Protocol (DESIGN.md §4):
+
+* The provisioner creates **one** secret CKKS context per consortium
+  (:func:`new_secret_context`), gives its secret-bearing serialization to every client and
+  a public copy (:func:`public_copy`, no secret key) to the server.
+* Each client encrypts its clipped, noised score vector for one GRPO step as one packed
+  ciphertext (:func:`encrypt_scores`).
+* The server, holding only the public context, forms ``Σ_k w_k ⊙ Enc(s_k) (+ b)`` slot-wise
+  with plaintext per-slot weights (router weights folded with the per-client affine scale
+  ``a_k``; the bias carries ``Σ_k w_k·b_k``) (:func:`weighted_sum`). Slot-wise
+  plaintext-multiply-and-add needs neither Galois (rotation) nor relinearisation keys, so
+  the public context carries only the public key.
+* A (rotating) decryptor client decrypts only the aggregate (:func:`decrypt_aggregate`).
+
+Assumptions and known limits -- say them, do not hide them:
+
+* Confidentiality of individual scores assumes an **honest-but-curious** server. The weights
+  are chosen by the server in the clear, so a malicious server could pick one-hot weights and
+  have the decryptor open a single client's vector; a server colluding with the decryptor (or
+  with any client: CKKS here is single-key, every client holds the same secret key) can
+  decrypt any client's ciphertext. In every one of these cases the attacker learns only the
+  client's *clipped, noised* scores: the DP guarantee never depends on encryption.
+* CKKS is approximate: decrypted aggregates carry ~1e-6 absolute error at these parameters.
+  Decrypted values are shared only with parties that could decrypt anyway (key holders), so
+  the Li–Micciancio key-recovery concern about publishing CKKS decryptions to non-key-holders
+  does not arise as long as the decryptor does not publish raw decryptions beyond the server.
+* A ciphertext encrypted under a *different* key of the same parameters cannot be told apart
+  from a valid one; it decrypts to garbage. Kits from one ``provision`` run share one key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import tenseal as ts
+
+from mor_secure.errors import CryptoError, ProtocolError
+
+__all__ = [
+    "CkksParams",
+    "MAX_ABS_VALUE",
+    "MAX_CIPHERTEXT_BYTES",
+    "decrypt_aggregate",
+    "encrypt_scores",
+    "load_context",
+    "new_secret_context",
+    "public_copy",
+    "serialize_context",
+    "slot_count",
+    "weighted_sum",
+]
+
+#: Largest |score|, |weight| or |bias| accepted. Keeps Σ w·s far below the 2^59 headroom
+#: left after one plaintext multiply + rescale with (60, 40, 40, 60) bit moduli.
+MAX_ABS_VALUE = float(2**20)
+#: A fresh N=8192 ciphertext serialises to ~330 KB; anything far larger is refused unparsed.
+MAX_CIPHERTEXT_BYTES = 4 * 2**20
+
+
+@dataclass(frozen=True)
+class CkksParams:
+    """CKKS parameters: N=8192 gives 4096 slots and ~128-bit security for 200 modulus bits."""
+
+    poly_modulus_degree: int = 8192
+    coeff_mod_bit_sizes: tuple[int, ...] = (60, 40, 40, 60)
+    global_scale: float = float(2**40)
+
+
+def slot_count(ctx_or_params: ts.Context | CkksParams | None = None) -> int:
+    """Number of packed slots (N/2) for ``CkksParams`` (default params when ``None``)."""
+    if isinstance(ctx_or_params, ts.Context):
+        return ctx_or_params.seal_context().data.key_context_data().parms().poly_modulus_degree() // 2
+    params = ctx_or_params or CkksParams()
+    return params.poly_modulus_degree // 2
+
+
+def new_secret_context(params: CkksParams = CkksParams()) -> ts.Context:
+    """A fresh private CKKS context (secret + public key; no Galois or relinearisation keys)."""
+    try:
+        ctx = ts.context(
+            ts.SCHEME_TYPE.CKKS,
+            poly_modulus_degree=params.poly_modulus_degree,
+            coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
+        )
+    except ValueError as err:
+        raise CryptoError(f"invalid CKKS parameters {params}: {err}") from err
+    ctx.global_scale = params.global_scale
+    return ctx
+
+
+def serialize_context(ctx: ts.Context, *, secret: bool) -> bytes:
+    """Serialize ``ctx``. ``secret=True`` keeps the secret key (client kits only); with
+    ``secret=False`` the bytes hold public parameters and the public key only."""
+    if secret and not ctx.is_private():
+        raise CryptoError("cannot serialize a secret context from a public one (no secret key)")
+    return ctx.serialize(
+        save_public_key=True,
+        save_secret_key=secret,
+        save_galois_keys=False,
+        save_relin_keys=False,
+    )
+
+
+def load_context(data: bytes) -> ts.Context:
+    """Load a context serialized by :func:`serialize_context` (CryptoError if unreadable)."""
+    if not isinstance(data, (bytes, bytearray)) or not data:
+        raise CryptoError("CKKS context bytes are empty or not bytes")
+    try:
+        ctx = ts.context_from(bytes(data))
+    except (ValueError, RuntimeError, TypeError) as err:
+        raise CryptoError(f"CKKS context failed to load: {err}") from err
+    if not ctx.has_public_key():
+        raise CryptoError("CKKS context has no public key; re-run `mor-secure provision`")
+    return ctx
+
+
+def public_copy(ctx: ts.Context) -> ts.Context:
+    """A copy of ``ctx`` with the secret key dropped (``is_private()`` is False)."""
+    pub = ctx.copy()
+    if pub.is_private():
+        pub.make_context_public(generate_galois_keys=False, generate_relin_keys=False)
+    if pub.is_private() or pub.has_secret_key():  # defensive: never hand out the key
+        raise CryptoError("failed to strip the secret key from the CKKS context")
+    return pub
+
+
+def _vector(x: object, what: str, max_len: int) -> np.ndarray:
+    """Validate a 1-D finite real vector of length 1..max_len, |x| ≤ MAX_ABS_VALUE."""
+    arr = np.asarray(x)
+    if arr.dtype == object or arr.dtype.kind not in "fiu":
+        raise ProtocolError(f"{what} must be a real numeric array, got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise ProtocolError(f"{what} must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ProtocolError(f"{what} is empty")
+    if arr.size > max_len:
+        raise ProtocolError(f"{what} has length {arr.size}, more than the {max_len} CKKS slots")
+    arr = arr.astype(np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ProtocolError(f"{what} contains NaN or infinity")
+    if np.max(np.abs(arr)) > MAX_ABS_VALUE:
+        raise ProtocolError(f"{what} has |value| > {MAX_ABS_VALUE:g}; clip before encrypting")
+    return arr
+
+
+def encrypt_scores(ctx: ts.Context, scores: np.ndarray) -> bytes:
+    """Client side: encrypt one score vector as one packed CKKS ciphertext (bytes).
+
+    Works with the secret or the public context (encryption needs only the public key).
+    Scores must already be clipped and noised: encryption adds confidentiality, not DP.
+    """
+    if not isinstance(ctx, ts.Context) or not ctx.has_public_key():
+        raise CryptoError("encrypt_scores needs a CKKS context holding the public key")
+    arr = _vector(scores, "scores", slot_count(ctx))
+    return ts.ckks_vector(ctx, arr.tolist()).serialize()
+
+
+def weighted_sum(
+    public_ctx: ts.Context,
+    ciphertexts: Sequence[bytes],
+    weights: Sequence[np.ndarray],
+    bias: np.ndarray | None = None,
+) -> bytes:
+    """Server side: ``Σ_k weights[k] ⊙ Enc(s_k) (+ bias)`` slot-wise, returned serialized.
+
+    ``public_ctx`` must not hold the secret key (CryptoError otherwise): the server never
+    holds it. Every ciphertext must encrypt a vector of ``len(weights[k])`` slots, the same
+    length for all k; a malformed one raises ProtocolError naming its client index ``k``
+    (0-based position in ``ciphertexts``). Clients whose weight vector is all zero (masked)
+    are validated but left out of the sum.
+    """
+    if not isinstance(public_ctx, ts.Context):
+        raise CryptoError("weighted_sum needs a TenSEAL context")
+    if public_ctx.is_private() or public_ctx.has_secret_key():
+        raise CryptoError(
+            "weighted_sum was handed a private CKKS context: the server must hold only the "
+            "public context (use public_copy / the server kit's ckks_public.bin)"
+        )
+    if len(ciphertexts) == 0:
+        raise ProtocolError("weighted_sum got no ciphertexts")
+    if len(weights) != len(ciphertexts):
+        raise ProtocolError(
+            f"weighted_sum got {len(ciphertexts)} ciphertexts but {len(weights)} weight vectors"
+        )
+    slots = slot_count(public_ctx)
+    ws = [_vector(w, f"weights[{k}]", slots) for k, w in enumerate(weights)]
+    n = ws[0].size
+    for k, w in enumerate(ws):
+        if w.size != n:
+            raise ProtocolError(f"weights[{k}] has length {w.size}, expected {n}")
+    b = None if bias is None else _vector(bias, "bias", slots)
+    if b is not None and b.size != n:
+        raise ProtocolError(f"bias has length {b.size}, expected {n}")
+
+    acc = None
+    for k, (data, w) in enumerate(zip(ciphertexts, ws)):
+        if not isinstance(data, (bytes, bytearray)):
+            raise ProtocolError(f"client {k}: ciphertext is {type(data).__name__}, not bytes")
+        if not data or len(data) > MAX_CIPHERTEXT_BYTES:
+            raise ProtocolError(f"client {k}: ciphertext has implausible size {len(data)} bytes")
+        try:
+            vec = ts.ckks_vector_from(public_ctx, bytes(data))
+        except (ValueError, RuntimeError, TypeError) as err:
+            raise ProtocolError(f"client {k}: ciphertext failed to deserialize ({err})") from err
+        if vec.size() != n:
+            raise ProtocolError(f"client {k}: ciphertext holds {vec.size()} slots, expected {n}")
+        if not np.any(w):
+            continue
+        try:
+            term = vec * w.tolist()
+            acc = term if acc is None else acc + term
+        except (ValueError, RuntimeError, TypeError) as err:
+            raise ProtocolError(f"client {k}: ciphertext cannot be aggregated ({err})") from err
+    if acc is None:  # every client masked: an encryption of zeros (+ bias)
+        acc = ts.ckks_vector(public_ctx, [0.0] * n)
+    if b is not None:
+        acc = acc + b.tolist()
+    return acc.serialize()
+
+
+def decrypt_aggregate(secret_ctx: ts.Context, data: bytes, length: int) -> np.ndarray:
+    """Decryptor client: decrypt the aggregate ciphertext to a float64 vector of ``length``.
+
+    The decryptor should only ever be handed the output of :func:`weighted_sum`; it cannot
+    tell an aggregate from a single client's ciphertext (see the module's known limits).
+    """
+    if not isinstance(secret_ctx, ts.Context) or not secret_ctx.is_private():
+        raise CryptoError("decrypt_aggregate needs the private CKKS context (client kit)")
+    if not isinstance(length, (int, np.integer)) or not 1 <= int(length) <= slot_count(secret_ctx):
+        raise ProtocolError(f"aggregate length {length!r} is not in 1..{slot_count(secret_ctx)}")
+    if not isinstance(data, (bytes, bytearray)) or not data or len(data) > MAX_CIPHERTEXT_BYTES:
+        raise ProtocolError("aggregate ciphertext is missing, not bytes, or implausibly large")
+    try:
+        vec = ts.ckks_vector_from(secret_ctx, bytes(data))
+    except (ValueError, RuntimeError, TypeError) as err:
+        raise ProtocolError(f"aggregate ciphertext failed to deserialize ({err})") from err
+    if vec.size() != int(length):
+        raise ProtocolError(f"aggregate holds {vec.size()} slots, expected {int(length)}")
+    try:
+        out = np.asarray(vec.decrypt(), dtype=np.float64)
+    except (ValueError, RuntimeError) as err:
+        raise CryptoError(f"aggregate failed to decrypt ({err})") from err
+    return out

@@ -1,0 +1,87 @@
+"""A client's reward model: a VLM backbone (vision tower frozen) + LoRA adapters + a scalar head.
+
+``r(x, y)`` is the head applied to the last token's final hidden state of the VLM run on
+the image, the question and the response. Trainable: the LoRA adapters of the language
+model (peft), the multimodal projector, and the head. Everything else is frozen, which is
+also what Opacus needs (it refuses trainable modules that hold buffers, such as vision
+embeddings with their ``position_ids``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from PIL import Image
+from torch import nn
+
+from mor_secure.models.factory import VLM, load_vlm
+
+# LoRA on every linear layer of the language model (its name differs by family).
+import os
+LORA_TARGETS = os.environ.get("LT", r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+PROJECTOR_NAMES = ("multi_modal_projector", "connector")
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Mean of ``-log sigmoid(r(x, y+) - r(x, y-))`` over the batch."""
+    return -nn.functional.logsigmoid(chosen - rejected).mean()
+
+
+class RewardModel(nn.Module):
+    """Scalar reward over (image, question, response) for any supported VLM family."""
+
+    def __init__(self, vlm: VLM, *, lora_r: int = 16, seed: int = 0) -> None:
+        super().__init__()
+        self.vlm = vlm
+        self.lora_r = lora_r
+        backbone = vlm.model.model  # the VLM without its LM head
+        for param in backbone.parameters():
+            param.requires_grad_(False)
+        torch.manual_seed(seed)
+        inject_adapter_in_model(
+            LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules=LORA_TARGETS), backbone
+        )
+        for name, module in backbone.named_modules():
+            if name.split(".")[-1] in PROJECTOR_NAMES:
+                module.requires_grad_(True)
+        self.backbone = backbone
+        self.head = nn.Linear(vlm.hidden_size, 1)
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(**inputs).last_hidden_state  # (B, T, H), left-padded
+        return self.head(hidden[:, -1]).squeeze(-1)  # (B,)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def score(self, images: Sequence[Image.Image], questions: Sequence[str], responses: Sequence[str],
+              batch_size: int = 64) -> torch.Tensor:
+        """Raw (unclipped, un-noised) rewards, one per (image, question, response)."""
+        self.eval()
+        out = []
+        for start in range(0, len(images), batch_size):
+            stop = start + batch_size
+            texts = [f"{q} {r}" for q, r in zip(questions[start:stop], responses[start:stop])]
+            out.append(self(**self.vlm.encode(images[start:stop], texts)))
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def save(self, path: Path) -> None:
+        """Save architecture, processor and all weights (backbone, LoRA, head) to a client-local folder."""
+        path.mkdir(parents=True, exist_ok=True)
+        self.vlm.save(path / "backbone", weights=False)
+        torch.save(self.state_dict(), path / "reward_model.pt")
+        (path / "reward_model.json").write_text(json.dumps({"lora_r": self.lora_r}))
+
+    @classmethod
+    def load(cls, path: Path) -> "RewardModel":
+        meta = json.loads((path / "reward_model.json").read_text())
+        vlm = load_vlm(path / "backbone", weights=False)
+        model = cls(vlm, lora_r=meta["lora_r"])
+        model.load_state_dict(torch.load(path / "reward_model.pt", weights_only=True))
+        model.eval()
+        return model

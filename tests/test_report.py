@@ -1,0 +1,137 @@
+"""The compliance report: computed from ledgers alone, self-contained HTML, versioned JSON."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import dp_accounting as dpa
+import pytest
+import yaml
+from dp_accounting.pld import PLDAccountant
+
+from mor_secure.compliance.report import write_report
+from mor_secure.errors import ConfigError
+from mor_secure.privacy.budget import Budget, BudgetGuard
+from mor_secure.privacy.events import DpSgdTraining, GaussianScoreRelease
+from mor_secure.privacy.ledger import Ledger, generate_signing_key
+
+DELTA = 1e-5
+TRAIN = DpSgdTraining(noise_multiplier=1.0, sample_rate=0.02, steps=100, max_grad_norm=1.0, num_records=50)
+NOISED = GaussianScoreRelease(noise_std=60.0, clip_bound=1.0, count=4)
+CLEAR = GaussianScoreRelease(noise_std=0.0, clip_bound=1.0, count=4)
+CONFIG = {
+    "clients": [
+        {"name": "hospital-a", "budget": {"epsilon": 3.0, "delta": DELTA}},
+        {"name": "bank b", "budget": {"epsilon": 2.0, "delta": DELTA, "phase_caps": {"router_fit": 1.0}}},
+        {"name": "tampered", "budget": {"epsilon": 3.0, "delta": DELTA}},
+        {"name": "absent", "budget": {"epsilon": 3.0, "delta": DELTA}},
+    ]
+}
+
+
+def _client(run_dir, name, budget, releases):
+    d = run_dir / "clients" / name
+    d.mkdir(parents=True)
+    key = generate_signing_key(d / "ledger_key.pem", d / "ledger_key.pub")
+    guard = BudgetGuard(Ledger(d / "ledger.jsonl", signing_key=key), Budget.from_dict(budget))
+    for event, phase in releases:
+        guard.authorize(event, {"run_id": "run-7", "phase": phase, "purpose": "test", "client": name})
+    return d / "ledger.jsonl"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+    record = {"run_id": "run-7", "insecure_flags": ["insecure_no_tls"],
+              "clients": {"hospital-a": {"model_class": "LlavaRewardModel"}}}
+    (run_dir / "run_record.json").write_text(json.dumps(record))
+    budgets = {c["name"]: c["budget"] for c in CONFIG["clients"]}
+    _client(run_dir, "hospital-a", budgets["hospital-a"],
+            [(TRAIN, "rm_training"), (CLEAR, "router_fit"), (CLEAR, "grpo"), (CLEAR, "grpo")])
+    _client(run_dir, "bank b", budgets["bank b"], [(NOISED, "router_fit"), (NOISED, "grpo"), (NOISED, "grpo")])
+    tampered = _client(run_dir, "tampered", budgets["tampered"], [(NOISED, "grpo")] * 3)
+    raw = tampered.read_bytes()
+    start = raw.index(b"\n") + 1  # change the noise of entry 2 in place
+    tampered.write_bytes(raw[:start] + raw[start:].replace(b'"noise_std":60.0', b'"noise_std":90.0', 1))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def written(run_dir):
+    html_path, json_path = write_report(run_dir)
+    return html_path.read_text(), json.loads(json_path.read_text())
+
+
+def _pld(events_per_route):
+    acct = PLDAccountant(value_discretization_interval=1e-4)
+    for e in events_per_route:
+        if isinstance(e, DpSgdTraining):
+            acct.compose(dpa.PoissonSampledDpEvent(e.sample_rate, dpa.GaussianDpEvent(e.noise_multiplier)), e.steps)
+        else:
+            acct.compose(dpa.GaussianDpEvent(e.noise_multiplier))
+    return acct.get_epsilon(DELTA)
+
+
+def test_html_is_self_contained_with_a_row_and_plot_per_client(written):
+    html, _ = written
+    for name in ("hospital-a", "bank_b", "tampered", "absent"):
+        assert re.search(rf'<tr id="client-{name}">', html)
+    assert html.count("<img ") == 4 and html.count('src="data:image/png;base64,') == 4
+    assert all(alt for alt in re.findall(r'<img [^>]*alt="([^"]*)"', html))
+    assert not re.search(r'(src|href)="(?!data:)', html)  # no external resources
+    assert "http://" not in html and "https://" not in html and "<script" not in html and "<link" not in html
+    assert "insecure_no_tls" in html and "add/remove one preference record of this client" in html
+
+
+def test_json_is_versioned_and_matches_independent_pld(written):
+    _, report = written
+    assert report["schema_version"] == 1 and report["run_id"] == "run-7"
+    clients = {c["name"]: c for c in report["clients"]}
+    a, b = clients["hospital-a"], clients["bank b"]
+    assert a["guarantee"]["route"] == "dpsgd" and a["guarantee"]["route_output"] == "inf"
+    assert a["guarantee"]["epsilon"] == pytest.approx(_pld([TRAIN]), rel=0.01)
+    assert b["guarantee"]["route"] == "output" and b["guarantee"]["route_dpsgd"] == "inf"
+    assert b["guarantee"]["epsilon"] == pytest.approx(_pld([NOISED] * 3), rel=0.01)
+    assert b["remaining_epsilon"] == pytest.approx(2.0 - b["guarantee"]["epsilon"])
+    assert b["phase_epsilon"]["router_fit"] == pytest.approx(_pld([NOISED]), rel=0.01)
+    assert set(b["guarantee"]["by_accountant"]["output"]) == {"dpa_pld", "dpa_rdp", "opacus_rdp", "opacus_prv"}
+    assert a["model_class"] == "LlavaRewardModel" and a["insecure_flags"] == ["insecure_no_tls"]
+    assert a["releases_by_phase"]["grpo"] == {"entries": 2, "trainings": 0, "score_releases": 2, "scores": 8}
+    assert a["ledger"]["ok"] and a["guarantee_valid"] and a["within_budget"]
+    assert [n for n, _ in a["curve"]] == [1, 2, 3, 4] and a["curve"][0][1] == 0.0
+    assert any("Poisson" in s for s in a["assumptions"]) and any("[-B, B]" in s for s in b["assumptions"])
+
+
+def test_tampered_ledger_is_named_and_untrusted(written):
+    _, report = written
+    (t,) = [c for c in report["clients"] if c["name"] == "tampered"]
+    assert t["ledger"]["ok"] is False and t["ledger"]["first_bad"] == 2
+    assert "hash mismatch" in t["ledger"]["reason"] and t["guarantee_valid"] is False
+    assert t["guarantee"]["epsilon"] == pytest.approx(_pld([NOISED]), rel=0.01)  # verified prefix only
+
+
+def test_missing_ledger_states_no_guarantee(written):
+    html, report = written
+    (absent,) = [c for c in report["clients"] if c["name"] == "absent"]
+    assert absent["guarantee"] is None and absent["ledger"]["ok"] is False and "missing" in absent["ledger"]["reason"]
+    row = re.search(r'<tr id="client-absent">.*?</tr>', html).group(0)
+    assert "NOT VERIFIED" in row and "n/a" in row
+
+
+def test_torn_tail_keeps_the_guarantee_valid_and_config_may_be_passed(tmp_path):
+    budget = {"epsilon": 3.0, "delta": DELTA}
+    ledger = _client(tmp_path, "c1", budget, [(NOISED, "grpo")] * 2)
+    ledger.write_bytes(ledger.read_bytes() + b'{"context":{"cl')
+    _, json_path = write_report(tmp_path, config={"clients": {"c1": {"budget": budget}}})
+    (c,) = json.loads(json_path.read_text())["clients"]
+    assert c["ledger"]["torn_tail"] and c["ledger"]["first_bad"] == 3 and c["guarantee_valid"]
+    assert c["guarantee"]["epsilon"] == pytest.approx(_pld([NOISED] * 2), rel=0.01)
+
+
+def test_bad_or_missing_config_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="config.yaml is missing"):
+        write_report(tmp_path)
+    with pytest.raises(ConfigError, match=r"clients\[0\] \(c1\): budget.epsilon must be .* Found 0"):
+        write_report(tmp_path, config={"clients": [{"name": "c1", "budget": {"epsilon": 0, "delta": DELTA}}]})
