@@ -1,0 +1,156 @@
+"""The ``mor-secure`` command.
+
+  mor-secure run CONFIG [--set key=value ...] [--run-dir DIR]   run MoR end to end (simulation)
+  mor-secure ledger verify LEDGER --key PUBKEY                   check a ledger's chain and signatures
+  mor-secure report RUN_DIR                                      write the privacy-accounting report
+  mor-secure budget plan --epsilon E --delta D --records N ...   plan noise before anything runs
+  mor-secure provision OUT --clients a,b,c [--hosts ...]         issue per-party kits (TLS, node auth, CKKS)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from mor_secure.errors import MorSecureError
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mor_secure.config import load_config
+    from mor_secure.runner import finish, prepare_run, simulate
+
+    cfg = load_config(args.config, args.set)
+    if cfg.federation.mode != "simulation":
+        raise MorSecureError("mor-secure run drives the simulation; for deployment see README 'Across machines'")
+    run_dir = prepare_run(cfg, Path(args.run_dir) if args.run_dir else None)
+    print(f"run folder: {run_dir}", flush=True)
+    if cfg.insecure_flags:
+        print(f"RISK FLAGS IN FORCE: {', '.join(cfg.insecure_flags)}", flush=True)
+    simulate(run_dir, progress=not args.no_progress)
+    print(finish(run_dir), flush=True)
+    return 0
+
+
+def cmd_ledger_verify(args: argparse.Namespace) -> int:
+    from mor_secure.privacy.ledger import load_public_key, verify_ledger
+
+    ledger = Path(args.ledger)
+    key = Path(args.key) if args.key else ledger.parent / "ledger_key.pub"
+    result = verify_ledger(ledger, load_public_key(key))
+    if result.ok:
+        print(f"OK: {ledger} verifies ({result.entries} entries, chain and signatures intact)")
+        return 0
+    print(f"FAILED: {ledger}: entry {result.first_bad}: {result.reason}")
+    return 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mor_secure.compliance.report import write_report
+
+    html, js = write_report(Path(args.run_dir))
+    print(f"privacy report: {html}\nmachine-readable: {js}")
+    return 0
+
+
+def cmd_budget_plan(args: argparse.Namespace) -> int:
+    from mor_secure.privacy.planner import plan_budget
+
+    plan = plan_budget(target_epsilon=args.epsilon, delta=args.delta, num_records=args.records,
+                       epochs=args.epochs, batch_size=args.batch_size, score_releases=args.score_releases,
+                       score_count=args.score_count, clip_bound=args.clip_bound)
+    print(plan.render())
+    return 0
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from mor_secure.crypto.provision import provision
+
+    result = provision(Path(args.out), [c for c in args.clients.split(",") if c],
+                       hosts=[h for h in args.hosts.split(",") if h], days=args.days, force=args.force)
+    print(f"CA: {result.ca_dir}\nserver kit: {result.server_dir}")
+    for name, folder in result.client_dirs.items():
+        print(f"client kit {name}: {folder}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mor-secure", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run MoR end to end in Flower's simulation engine")
+    run.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set grpo.steps=10 (repeatable)")
+    run.add_argument("--run-dir", help="run folder to create (default: <run.output_dir>/<name>-<time>)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+
+    ledger = sub.add_parser("ledger", help="privacy ledger tools").add_subparsers(dest="ledger_cmd", required=True)
+    verify = ledger.add_parser("verify", help="verify a ledger's hash chain and signatures")
+    verify.add_argument("ledger")
+    verify.add_argument("--key", help="the client's ledger public key (default: ledger_key.pub beside it)")
+    verify.set_defaults(func=cmd_ledger_verify)
+
+    report = sub.add_parser("report", help="write the privacy-accounting report of a run")
+    report.add_argument("run_dir")
+    report.set_defaults(func=cmd_report)
+
+    budget = sub.add_parser("budget", help="privacy budget tools").add_subparsers(dest="budget_cmd", required=True)
+    plan = budget.add_parser("plan", help="noise and epsilon per phase for a target, before anything runs")
+    plan.add_argument("--epsilon", type=float, required=True)
+    plan.add_argument("--delta", type=float, required=True)
+    plan.add_argument("--records", type=int, required=True, help="private preference pairs of the client")
+    plan.add_argument("--epochs", type=int, required=True)
+    plan.add_argument("--batch-size", type=int, required=True)
+    plan.add_argument("--score-releases", type=int, default=0, help="planned score vectors (output route)")
+    plan.add_argument("--score-count", type=int, default=0, help="scores per released vector")
+    plan.add_argument("--clip-bound", type=float, default=None)
+    plan.set_defaults(func=cmd_budget_plan)
+
+    prov = sub.add_parser("provision", help="issue TLS, node-auth and CKKS kits for every party")
+    prov.add_argument("out")
+    prov.add_argument("--clients", required=True, help="comma-separated client names")
+    prov.add_argument("--hosts", default="127.0.0.1,localhost,::1", help="SuperLink host names/addresses")
+    prov.add_argument("--days", type=int, default=365)
+    prov.add_argument("--force", action="store_true", help="replace existing kits")
+    prov.set_defaults(func=cmd_provision)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except MorSecureError as exc:
+        print(f"mor-secure: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""The server's run: phase 1 (clients train RMs), warm-up, phase 2 (router), phase 3 (GRPO), evaluation.
+
+Everything the server uses is either its own (public prompts, objective set, evaluation set,
+its policy) or came through the reward channel as clipped, noised scores. Every phase writes
+its metrics to the run folder as soon as it ends, so a crash loses at most the phase in flight.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.serverapp import Grid
+
+from mor_secure.alignment.grpo import MixtureReward, build_dataset, run_grpo
+from mor_secure.alignment.policy import generate_answers, oracle_accuracy, prompt_features, warmup
+from mor_secure.config import RunConfig, load_config
+from mor_secure.data import load_split, vocabulary
+from mor_secure.federation.channel import Channel
+from mor_secure.models.factory import build_vlm, load_vlm
+from mor_secure.rewards.router import Router, fit_router, masked_weights
+
+log = logging.getLogger(__name__)
+
+
+def write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    tmp.replace(path)
+
+
+class Orchestrator:
+    def __init__(self, run_dir: Path, grid: Grid, *, progress: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.cfg: RunConfig = load_config(self.run_dir / "config.yaml")
+        self.record_path = self.run_dir / "run_record.json"
+        self.record = json.loads(self.record_path.read_text()) if self.record_path.exists() else {}
+        self.metrics_dir = self.run_dir / "metrics"
+        self.metrics_dir.mkdir(exist_ok=True)
+        self.progress = progress
+        self.channel = Channel(grid, self.record["run_id"], self.run_dir / "events.jsonl",
+                               self.cfg.federation.round_timeout_s)
+        server = self.run_dir / "server"
+        self.public = list(load_split(server / "public"))
+        self.objective = list(load_split(server / "objective"))
+        self.eval = list(load_split(server / "eval"))
+
+    def save_record(self, **updates) -> None:
+        self.record.update(updates)
+        write_json(self.record_path, self.record)
+
+    def phase(self, name: str):
+        log.info("phase: %s", name)
+        self.save_record(current_phase=name)
+        return time.perf_counter()
+
+    def done(self, name: str, start: float, metrics: dict) -> None:
+        metrics = {"seconds": round(time.perf_counter() - start, 2), **metrics}
+        write_json(self.metrics_dir / f"{name}.json", metrics)
+        self.record.setdefault("phases_completed", []).append(name)
+        self.save_record()
+
+    # -- phase 1 ----------------------------------------------------------------------------------
+    def train_clients(self) -> None:
+        t = self.phase("rm_training")
+        clients = self.channel.train_all(timeout_s=max(3600.0, self.cfg.federation.round_timeout_s))
+        if not clients:
+            raise RuntimeError("no client finished phase 1; see events.jsonl for each client's reason")
+        info = {n: {"model_class": c.hello.model_class, "dp_sgd": c.hello.dp_sgd, "clip_bound": c.hello.clip_bound,
+                    "noise_std": c.hello.noise_std, "node_id": c.node_id} for n, c in clients.items()}
+        self.save_record(clients=info, model_classes=sorted({c["model_class"] for c in info.values()}))
+        self.done("rm_training", t, {"clients": info})
+
+    # -- base policy ------------------------------------------------------------------------------
+    def base_policy(self):
+        t = self.phase("warmup")
+        spec = self.cfg.policy.model
+        if spec.checkpoint:
+            policy = load_vlm(spec.checkpoint)
+        else:
+            policy = build_vlm(spec.family, vocabulary(), size=spec.size, image_size=self.cfg.data.image_size,
+                               seed=self.cfg.run.seed)
+        w = self.cfg.policy.warmup
+        losses = warmup(policy, [r["image"] for r in self.public], [r["family"] for r in self.public],
+                        epochs=w.epochs, lr=w.lr, batch_size=w.batch_size, seed=self.cfg.run.seed,
+                        progress=self.progress) if w.epochs else []
+        policy.save(self.run_dir / "policy_base")
+        # TRL builds the frozen GRPO reference from this path: the warmed-up base policy.
+        policy.model.config._name_or_path = str(self.run_dir / "policy_base")
+        self.done("warmup", t, {"loss_first": losses[0] if losses else None,
+                                "loss_last": losses[-1] if losses else None, "steps": len(losses)})
+        return policy
+
+    # -- phase 2 ----------------------------------------------------------------------------------
+    def fit_router(self, reference) -> Router:
+        t = self.phase("router_fit")
+        obj = self.objective
+        n = len(obj)
+        images = [r["image"] for r in obj]
+        questions = [r["question"] for r in obj]
+        responses = [r["response_a"] for r in obj] + [r["response_b"] for r in obj]
+        index = np.concatenate([np.arange(n), np.arange(n)])
+        scores, present = self.channel.score(images, questions, responses, index,
+                                             phase="router_fit", purpose="score the objective set")
+        feats = prompt_features(reference, images, questions)
+        router = Router(feats.shape[1], self.channel.order, hidden=self.cfg.router.hidden)
+        s = torch.as_tensor(scores, dtype=torch.float32)
+        p = torch.as_tensor(present)
+        labels = torch.tensor([float(r["label"]) for r in obj])
+        fit = fit_router(router, feats, s[:n], s[n:], labels, p[:n], steps=self.cfg.router.steps,
+                         lr=self.cfg.router.lr, weight_decay=self.cfg.router.weight_decay,
+                         progress=self.progress, seed=self.cfg.run.seed)
+        router.save(self.run_dir / "router.pt")
+        self.done("router_fit", t, {"objective_accuracy": fit.accuracy, "loss_first": fit.losses[0],
+                                    "loss_last": fit.losses[-1], "clients": router.clients,
+                                    "scale": router.scale.tolist(), "clients_present": p.any(0).tolist()})
+        return router
+
+    # -- phase 3 ----------------------------------------------------------------------------------
+    def align(self, policy, reference, router: Router) -> list[dict]:
+        t = self.phase("grpo")
+        images = [r["image"] for r in self.public]
+        questions = [r["question"] for r in self.public]
+        feats = prompt_features(reference, images, questions)
+
+        def scorer(imgs, qs, responses, index):
+            return self.channel.score(imgs, qs, responses, index, phase="grpo", purpose="score policy samples")
+
+        reward = MixtureReward(scorer, router, feats, images, questions)
+        dataset = build_dataset(images, questions, [r["family"] for r in self.public])
+        history = run_grpo(policy, dataset, reward, self.cfg.grpo, out_dir=self.run_dir / "grpo_trainer",
+                           seed=self.cfg.run.seed, progress=self.progress)
+        policy.save(self.run_dir / "policy_aligned")
+        self.done("grpo", t, {"history": history, "bytes_sent_to_clients": self.channel.bytes_sent})
+        return history
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def evaluate(self, base, aligned, router: Router) -> dict:
+        t = self.phase("evaluation")
+        images = [r["image"] for r in self.eval]
+        questions = [r["question"] for r in self.eval]
+        families = [r["family"] for r in self.eval]
+        answers = [r["answer"] for r in self.eval]
+        n_tokens = self.cfg.grpo.max_completion_length
+        table = {
+            "base": oracle_accuracy(families, answers, generate_answers(base, images, questions, max_new_tokens=n_tokens)),
+            "aligned": oracle_accuracy(families, answers,
+                                       generate_answers(aligned, images, questions, max_new_tokens=n_tokens)),
+        }
+        feats = prompt_features(base, images, questions)
+        with torch.no_grad():
+            weights = masked_weights(router.logits(feats), torch.ones(len(router.clients), dtype=torch.bool))
+        per_family = {}
+        for fam in sorted(set(families)):
+            rows = [i for i, f in enumerate(families) if f == fam]
+            mean_w = weights[rows].mean(0).tolist()
+            per_family[fam] = dict(zip(router.clients, mean_w))
+        result = {"oracle_accuracy": table, "router_weights_by_family": per_family}
+        self.done("evaluation", t, result)
+        return result
+
+    def run(self) -> dict:
+        self.save_record(status="running", started=time.time())
+        self.train_clients()
+        policy = self.base_policy()
+        reference = copy.deepcopy(policy)  # frozen copy: router features and the base-policy evaluation
+        reference.model.requires_grad_(False)
+        router = self.fit_router(reference)
+        self.align(policy, reference, router)
+        result = self.evaluate(reference, policy, router)
+        self.save_record(status="completed", finished=time.time())
+        return result
+
+
+def run_server(run_dir: Path, grid: Grid, progress: bool = True) -> None:
+    orch = None
+    try:
+        orch = Orchestrator(run_dir, grid, progress=progress)
+        orch.run()
+    except BaseException as exc:
+        log.exception("server run failed")
+        record_path = Path(run_dir) / "run_record.json"
+        record = json.loads(record_path.read_text()) if record_path.exists() else {}
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        write_json(record_path, record)
+        raise

@@ -1,0 +1,177 @@
+"""The MoR wire protocol over Flower's Message API: what each message carries, and its checks.
+
+Server -> client
+  ``train``        phase 1: train your reward model (content: run id only).
+  ``query.score``  phases 2-3 and evaluation: score these responses. Content: the public
+                   prompts' images (uint8, (M, H, W, 3)), their questions (M), the responses (N)
+                   and, for each response, the index of its prompt (N). Nothing private.
+Client -> server
+  ``train`` reply  the client's name, its RM's model class and its declared clip bound.
+  ``query.score``  reply: the clipped, noised scores (float32, (N,)) -- or, with CKKS on, one
+                   ciphertext of them -- recorded in the client's ledger before sending.
+  Error replies    ``Message(Error(code, reason))``; codes below. A refused client leaves the
+                   mixture for that request and the router renormalises.
+
+Every decoder checks shapes, types, lengths and finiteness and raises ``ProtocolError``
+naming the field: a malformed message never reaches a model or an accountant.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from PIL import Image
+
+from mor_secure.errors import ProtocolError
+
+# Error codes (Flower reserves small codes; ours start at 4000).
+ERR_BUDGET_REFUSED = 4001
+ERR_BAD_REQUEST = 4002
+ERR_NOT_READY = 4003
+ERR_INTERNAL = 4004
+
+MAX_ITEMS = 65536
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    images: np.ndarray  # (M, H, W, 3) uint8
+    questions: list[str]  # (M,)
+    responses: list[str]  # (N,)
+    image_index: np.ndarray  # (N,) int64 into images
+    run_id: str
+    phase: str
+    purpose: str
+    encrypt: bool = False
+
+    def pil_images(self) -> list[Image.Image]:
+        """One PIL image per response (the prompt's image)."""
+        pils = [Image.fromarray(img) for img in self.images]
+        return [pils[i] for i in self.image_index]
+
+    def questions_per_response(self) -> list[str]:
+        return [self.questions[i] for i in self.image_index]
+
+
+def images_to_array(images: list[Image.Image]) -> np.ndarray:
+    return np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
+
+
+def encode_score_request(req: ScoreRequest) -> RecordDict:
+    return RecordDict({
+        "data": ArrayRecord({"images": Array(req.images), "image_index": Array(req.image_index.astype(np.int64))}),
+        "cfg": ConfigRecord({
+            "questions": list(req.questions), "responses": list(req.responses),
+            "run_id": req.run_id, "phase": req.phase, "purpose": req.purpose, "encrypt": req.encrypt,
+        }),
+    })
+
+
+def _field(content: RecordDict, record: str, key: str):
+    try:
+        return content[record][key]
+    except KeyError:
+        raise ProtocolError(f"message is missing {record}.{key}") from None
+
+
+def _str_list(value, name: str) -> list[str]:
+    if isinstance(value, str) or not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ProtocolError(f"{name} must be a list of strings")
+    if len(value) > MAX_ITEMS:
+        raise ProtocolError(f"{name} has {len(value)} items; at most {MAX_ITEMS} per message")
+    return value
+
+
+def decode_score_request(content: RecordDict) -> ScoreRequest:
+    images = _field(content, "data", "images").numpy()
+    index = _field(content, "data", "image_index").numpy()
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ProtocolError(f"data.images must be uint8 of shape (M, H, W, 3); found {images.dtype} {images.shape}")
+    questions = _str_list(_field(content, "cfg", "questions"), "cfg.questions")
+    responses = _str_list(_field(content, "cfg", "responses"), "cfg.responses")
+    if len(questions) != len(images):
+        raise ProtocolError(f"cfg.questions has {len(questions)} items for {len(images)} images")
+    if index.ndim != 1 or index.dtype.kind not in "iu" or len(index) != len(responses):
+        raise ProtocolError(f"data.image_index must be 1-D integers, one per response ({len(responses)})")
+    if len(index) and (index.min() < 0 or index.max() >= len(images)):
+        raise ProtocolError(f"data.image_index out of range [0, {len(images)})")
+    if not responses:
+        raise ProtocolError("cfg.responses is empty")
+    meta = {k: _field(content, "cfg", k) for k in ("run_id", "phase", "purpose")}
+    for key, value in meta.items():
+        if not isinstance(value, str) or not value:
+            raise ProtocolError(f"cfg.{key} must be a non-empty string")
+    encrypt = content["cfg"].get("encrypt", False)
+    if not isinstance(encrypt, bool):
+        raise ProtocolError("cfg.encrypt must be a boolean")
+    return ScoreRequest(images, questions, responses, index.astype(np.int64), encrypt=encrypt, **meta)
+
+
+def encode_scores(client: str, scores: np.ndarray) -> RecordDict:
+    return RecordDict({"out": ArrayRecord({"scores": Array(scores.astype(np.float32))}),
+                       "meta": ConfigRecord({"client": client})})
+
+
+def score_limit(clip_bound: float, noise_std: float) -> float:
+    """Largest plausible |score|: the clip bound plus 8 noise standard deviations (p < 1e-15)."""
+    return clip_bound + 8.0 * noise_std
+
+
+def decode_scores(content: RecordDict, *, expected: int, limit: float) -> np.ndarray:
+    """A client's plaintext scores, checked: finite, the expected length, within +-limit."""
+    scores = _field(content, "out", "scores").numpy()
+    if scores.ndim != 1 or scores.dtype.kind != "f":
+        raise ProtocolError(f"out.scores must be a 1-D float array; found {scores.dtype} {scores.shape}")
+    if len(scores) != expected:
+        raise ProtocolError(f"out.scores has {len(scores)} values; expected {expected}")
+    if not np.all(np.isfinite(scores)):
+        raise ProtocolError("out.scores contains NaN or infinite values")
+    if np.abs(scores).max() > limit:
+        raise ProtocolError(f"out.scores has |value| {np.abs(scores).max():.3g} above the declared range {limit:.3g}")
+    return scores.astype(np.float64)
+
+
+def client_name(content: RecordDict) -> str:
+    name = _field(content, "meta", "client")
+    if not isinstance(name, str) or not name:
+        raise ProtocolError("meta.client must be a non-empty string")
+    return name
+
+
+def encode_hello(client: str, model_class: str, clip_bound: float, noise_std: float, dp_sgd: bool) -> RecordDict:
+    return RecordDict({"meta": ConfigRecord({
+        "client": client, "model_class": model_class, "clip_bound": float(clip_bound),
+        "noise_std": float(noise_std), "dp_sgd": bool(dp_sgd)})})
+
+
+@dataclass(frozen=True)
+class Hello:
+    client: str
+    model_class: str
+    clip_bound: float
+    noise_std: float
+    dp_sgd: bool
+
+
+def decode_hello(content: RecordDict) -> Hello:
+    name = client_name(content)
+    model_class = _field(content, "meta", "model_class")
+    clip = _field(content, "meta", "clip_bound")
+    noise = _field(content, "meta", "noise_std")
+    dp = _field(content, "meta", "dp_sgd")
+    if not isinstance(model_class, str):
+        raise ProtocolError("meta.model_class must be a string")
+    if not isinstance(clip, float) or not math.isfinite(clip) or clip <= 0:
+        raise ProtocolError(f"meta.clip_bound must be a positive finite float; found {clip!r}")
+    if not isinstance(noise, float) or not math.isfinite(noise) or noise < 0:
+        raise ProtocolError(f"meta.noise_std must be a finite float >= 0; found {noise!r}")
+    return Hello(name, model_class, clip, noise, bool(dp))
+
+
+def error_reply(msg: Message, code: int, reason: str) -> Message:
+    from flwr.app import Error
+
+    return Message(Error(code=code, reason=reason), reply_to=msg)

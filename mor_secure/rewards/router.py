@@ -1,0 +1,116 @@
+"""Phase 2: the Mixture-of-Rewards router and per-client score calibration.
+
+``R(x, y) = sum_k w_k(x) * (a_k * s_k(x, y) + b_k)`` with ``w(x) = softmax(g_phi(features(x)))``
+over the clients present. ``features(x)`` are pooled hidden states of the frozen reference
+VLM on the prompt (image + question). ``a_k > 0`` (softplus) rescales each client's scores.
+
+The router is fitted by maximising the Bradley-Terry likelihood of the server's objective
+labels: ``P(a > b | x) = sigmoid(R(x, a) - R(x, b))``. Because both responses of a pair share
+``w(x)``, ``b_k`` cancels in that difference: it is not identifiable from pairwise labels, so it
+is kept at 0 (a constant shift of a reward changes neither GRPO's group-normalised advantages
+nor the objective).
+
+Missing clients (refused, dropped, rejected) are masked: their logits are set to -inf, so the
+softmax renormalises over the clients present.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def masked_weights(logits: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Softmax over clients present. logits (N, K); present (N, K) or (K,) bool -> (N, K).
+
+    A row with no client present gets all-zero weights (no reward information).
+    """
+    present = present.expand_as(logits)
+    masked = logits.masked_fill(~present, float("-inf"))
+    weights = torch.softmax(masked, dim=-1)
+    return torch.nan_to_num(weights, nan=0.0)
+
+
+def mixture_reward(weights: torch.Tensor, scores: torch.Tensor, scale: torch.Tensor,
+                   present: torch.Tensor) -> torch.Tensor:
+    """sum_k w_k * a_k * s_k over present clients. weights/scores/present (N, K); scale (K,) -> (N,)."""
+    calibrated = torch.where(present, scores * scale, torch.zeros_like(scores))
+    return (weights * calibrated).sum(-1)
+
+
+def pairwise_objective(reward_a: torch.Tensor, reward_b: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Mean Bradley-Terry negative log-likelihood; label 1.0 means ``a`` is preferred."""
+    return nn.functional.binary_cross_entropy_with_logits(reward_a - reward_b, label)
+
+
+class Router(nn.Module):
+    """g_phi: features (N, H) -> client logits (N, K); plus softplus calibration scales a_k."""
+
+    def __init__(self, feature_dim: int, clients: list[str], hidden: int = 0) -> None:
+        super().__init__()
+        self.clients = list(clients)
+        self.feature_dim = feature_dim
+        self.hidden = hidden
+        k = len(self.clients)
+        self.norm = nn.LayerNorm(feature_dim, elementwise_affine=False)
+        self.g = (nn.Linear(feature_dim, k) if hidden == 0
+                  else nn.Sequential(nn.Linear(feature_dim, hidden), nn.Tanh(), nn.Linear(hidden, k)))
+        self.raw_scale = nn.Parameter(torch.zeros(k))
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return nn.functional.softplus(self.raw_scale) / nn.functional.softplus(torch.zeros(()))
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.g(self.norm(features))
+
+    def weights(self, features: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        return masked_weights(self.logits(features), present)
+
+    def reward(self, features: torch.Tensor, scores: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        return mixture_reward(self.weights(features, present), scores, self.scale, present)
+
+    def save(self, path: Path) -> None:
+        torch.save({"state": self.state_dict(), "clients": self.clients, "feature_dim": self.feature_dim,
+                    "hidden": self.hidden}, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "Router":
+        blob = torch.load(path, weights_only=True)
+        router = cls(blob["feature_dim"], blob["clients"], blob["hidden"])
+        router.load_state_dict(blob["state"])
+        return router
+
+
+@dataclass
+class RouterFit:
+    losses: list[float] = field(default_factory=list)
+    accuracy: float = float("nan")  # objective-set pairwise accuracy of the fitted mixture
+
+
+def fit_router(router: Router, features: torch.Tensor, scores_a: torch.Tensor, scores_b: torch.Tensor,
+               labels: torch.Tensor, present: torch.Tensor, *, steps: int, lr: float,
+               weight_decay: float = 0.0, progress: bool = True, seed: int = 0) -> RouterFit:
+    """Full-batch Adam on the pairwise objective. features (N, H); scores_* and present (N, K)."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(router.parameters(), lr=lr, weight_decay=weight_decay)
+    fit = RouterFit()
+    router.train()
+    for _ in tqdm(range(steps), desc="router fit", disable=not progress, leave=False):
+        weights = router.weights(features, present)
+        ra = mixture_reward(weights, scores_a, router.scale, present)
+        rb = mixture_reward(weights, scores_b, router.scale, present)
+        loss = pairwise_objective(ra, rb, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        fit.losses.append(loss.item())
+    router.eval()
+    with torch.no_grad():
+        ra, rb = router.reward(features, scores_a, present), router.reward(features, scores_b, present)
+        fit.accuracy = float(((ra > rb).float() == labels).float().mean())
+    return fit
