@@ -8,7 +8,6 @@ every such flag in force (``insecure_flags``).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -86,9 +85,10 @@ class ScoreSection(_Strict):
 
 class TrainingSection(_Strict):
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    lora_r: int = Field(8, ge=1)
+    batch_size: int = Field(256, ge=1, description="Expected batch size (Poisson sampling under DP-SGD).")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="sgd (momentum 0.9) for DP-SGD; adam for non-DP.")
+    lr: float = Field(0.5, gt=0)
+    lora_r: int = Field(16, ge=1)
 
 
 class ClientSection(_Strict):
@@ -136,10 +136,11 @@ class PolicySection(_Strict):
 
 
 class RouterSection(_Strict):
-    steps: int = Field(400, ge=1)
-    lr: float = Field(0.05, gt=0)
+    steps: int = Field(1000, ge=1)
+    lr: float = Field(0.02, gt=0)
+    components: int = Field(8, ge=1, description="Principal components of the features the router sees.")
     hidden: int = Field(0, ge=0, description="0: linear router; >0: one hidden layer of this width.")
-    weight_decay: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
 
 
 class GrpoSection(_Strict):
@@ -256,7 +257,3 @@ def apply_override(data: dict, item: str) -> None:
         node[int(last)] = value
     else:
         node[last] = value
-
-
-def is_finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -109,7 +109,7 @@ class ClientNode:
         pairs = list(load_split(self.folder / "data"))
         t = self.config.training
         p = self.config.privacy
-        settings = TrainSettings(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, dp=p.dp_sgd,
+        settings = TrainSettings(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer, dp=p.dp_sgd,
                                  target_epsilon=p.epsilon, delta=p.delta, max_grad_norm=p.max_grad_norm,
                                  seed=self.setup.seed)
         vlm = self.build_backbone()
@@ -143,8 +143,9 @@ class ClientNode:
         event = GaussianScoreRelease(noise_std=sigma, clip_bound=bound, count=len(req.responses))
         context = {"run_id": req.run_id, "phase": req.phase, "purpose": req.purpose, "client": self.name}
         with self._lock:
+            rm = self.reward_model  # not trained yet: ConfigError before anything is recorded
             self._record(event, context)  # raises BudgetExceededError: nothing computed, nothing sent
             with torch.no_grad():
-                raw = self.reward_model.score(req.pil_images(), req.questions_per_response(), req.responses)
+                raw = rm.score(req.pil_images(), req.questions_per_response(), req.responses)
             clipped = np.clip(raw.numpy().astype(np.float64), -bound, bound)
             return clipped + self._noise.normal(0.0, sigma, size=clipped.shape) if sigma > 0 else clipped

@@ -108,7 +108,8 @@ class Orchestrator:
         scores, present = self.channel.score(images, questions, responses, index,
                                              phase="router_fit", purpose="score the objective set")
         feats = prompt_features(reference, images, questions)
-        router = Router(feats.shape[1], self.channel.order, hidden=self.cfg.router.hidden)
+        router = Router(feats.shape[1], self.channel.order, hidden=self.cfg.router.hidden,
+                        components=self.cfg.router.components)
         s = torch.as_tensor(scores, dtype=torch.float32)
         p = torch.as_tensor(present)
         labels = torch.tensor([float(r["label"]) for r in obj])

@@ -92,14 +92,14 @@ def decode_score_request(content: RecordDict) -> ScoreRequest:
         raise ProtocolError(f"data.images must be uint8 of shape (M, H, W, 3); found {images.dtype} {images.shape}")
     questions = _str_list(_field(content, "cfg", "questions"), "cfg.questions")
     responses = _str_list(_field(content, "cfg", "responses"), "cfg.responses")
+    if not responses:
+        raise ProtocolError("cfg.responses is empty")
     if len(questions) != len(images):
         raise ProtocolError(f"cfg.questions has {len(questions)} items for {len(images)} images")
     if index.ndim != 1 or index.dtype.kind not in "iu" or len(index) != len(responses):
         raise ProtocolError(f"data.image_index must be 1-D integers, one per response ({len(responses)})")
     if len(index) and (index.min() < 0 or index.max() >= len(images)):
         raise ProtocolError(f"data.image_index out of range [0, {len(images)})")
-    if not responses:
-        raise ProtocolError("cfg.responses is empty")
     meta = {k: _field(content, "cfg", k) for k in ("run_id", "phase", "purpose")}
     for key, value in meta.items():
         if not isinstance(value, str) or not value:

@@ -57,6 +57,9 @@ PLD_BASE_INTERVAL = 1e-3
 PLD_VACUOUS_EPSILON = 1e5
 
 
+PRV_MAX_EPSILON = 200.0
+
+
 def _check_delta(delta: float) -> None:
     if not isinstance(delta, (int, float)) or not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1). Found {delta!r}.")
@@ -79,12 +82,21 @@ def _compose(trainings: Sequence[DpSgdTraining], releases: Sequence[GaussianScor
     gauss = Counter(r.noise_multiplier for r in releases)
     if accountant.startswith("opacus_"):
         history = [(z, q, n) for (z, q), n in sgd.items()] + [(z, 1.0, n) for z, n in gauss.items()]
+        if accountant == "opacus_prv":
+            rdp = RDPAccountant()
+            rdp.history = history
+            rdp_eps = rdp.get_epsilon(delta=delta)
+            if rdp_eps > PRV_MAX_EPSILON:
+                # PRV's discretisation grid grows with epsilon and exhausts memory (TiB) long before
+                # it overflows; the guarantee is stated with PLD anyway.
+                raise PrivacyError(f"opacus_prv not computed: RDP epsilon {rdp_eps:.3g} > {PRV_MAX_EPSILON} "
+                                   "is outside the PRV accountant's practical range")
         acct = RDPAccountant() if accountant == "opacus_rdp" else PRVAccountant()
         acct.history = history
         try:
             with np.errstate(divide="ignore", over="ignore"):  # PRV evaluates log(1 - q) at q = 1
                 return float(acct.get_epsilon(delta=delta))
-        except (RuntimeError, ValueError, FloatingPointError) as exc:
+        except (RuntimeError, ValueError, FloatingPointError, MemoryError) as exc:
             raise PrivacyError(f"{accountant} failed on history {history}: {exc}") from exc
     event = dpa.ComposedDpEvent(
         [dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z)), n) for (z, q), n in sgd.items()]

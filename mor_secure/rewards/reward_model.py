@@ -21,8 +21,7 @@ from torch import nn
 from mor_secure.models.factory import VLM, load_vlm
 
 # LoRA on every linear layer of the language model (its name differs by family).
-import os
-LORA_TARGETS = os.environ.get("LT", r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+LORA_TARGETS = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 PROJECTOR_NAMES = ("multi_modal_projector", "connector")
 
 

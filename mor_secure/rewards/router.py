@@ -10,6 +10,12 @@ labels: ``P(a > b | x) = sigmoid(R(x, a) - R(x, b))``. Because both responses of
 is kept at 0 (a constant shift of a reward changes neither GRPO's group-normalised advantages
 nor the objective).
 
+The fit also learns a per-input confidence ``c(x) > 0`` and maximises the likelihood of
+``sigmoid(c(x) * (R(x, a) - R(x, b)))``. Without it the router can only express "these scores
+are unreliable here" by moving weight onto an uninformative client (seen in practice: weight
+drifting to a client whose scores are noise). ``c(x)`` is per prompt, so it cancels in GRPO's
+group-normalised advantages; GRPO receives ``R`` itself.
+
 Missing clients (refused, dropped, rejected) are masked: their logits are set to -inf, so the
 softmax renormalises over the clients present.
 """
@@ -48,25 +54,49 @@ def pairwise_objective(reward_a: torch.Tensor, reward_b: torch.Tensor, label: to
 
 
 class Router(nn.Module):
-    """g_phi: features (N, H) -> client logits (N, K); plus softplus calibration scales a_k."""
+    """g_phi: features (N, H) -> client logits (N, K); plus softplus calibration scales a_k.
 
-    def __init__(self, feature_dim: int, clients: list[str], hidden: int = 0) -> None:
+    Features are first projected on their top ``components`` principal directions (fitted on
+    the objective set by ``fit_projection``): the objective set is small (hundreds of pairs)
+    and a router over the full hidden size overfits it -- measured: weight drifting to a
+    client whose scores are noise.
+    """
+
+    def __init__(self, feature_dim: int, clients: list[str], hidden: int = 0, components: int = 8) -> None:
         super().__init__()
         self.clients = list(clients)
         self.feature_dim = feature_dim
         self.hidden = hidden
+        self.components = components = min(components, feature_dim)
         k = len(self.clients)
-        self.norm = nn.LayerNorm(feature_dim, elementwise_affine=False)
-        self.g = (nn.Linear(feature_dim, k) if hidden == 0
-                  else nn.Sequential(nn.Linear(feature_dim, hidden), nn.Tanh(), nn.Linear(hidden, k)))
+        self.register_buffer("center", torch.zeros(feature_dim))
+        self.register_buffer("basis", torch.eye(feature_dim)[:, :components])
+        self.norm = nn.LayerNorm(components, elementwise_affine=False)
+        self.g = (nn.Linear(components, k) if hidden == 0
+                  else nn.Sequential(nn.Linear(components, hidden), nn.Tanh(), nn.Linear(hidden, k)))
         self.raw_scale = nn.Parameter(torch.zeros(k))
+        self.confidence_head = nn.Linear(components, 1)  # c(x), used by the fit only
+
+    @torch.no_grad()
+    def fit_projection(self, features: torch.Tensor) -> None:
+        self.center.copy_(features.mean(0))
+        q = min(self.components, features.shape[0], features.shape[1])
+        _, _, v = torch.pca_lowrank(features - self.center, q=q, center=False)
+        self.basis.zero_()
+        self.basis[:, :q].copy_(v[:, :q])
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.norm((features - self.center) @ self.basis)
 
     @property
     def scale(self) -> torch.Tensor:
         return nn.functional.softplus(self.raw_scale) / nn.functional.softplus(torch.zeros(()))
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return self.g(self.norm(features))
+        return self.g(self.project(features))
+
+    def confidence(self, features: torch.Tensor) -> torch.Tensor:
+        return nn.functional.softplus(self.confidence_head(self.project(features))).squeeze(-1) + 1e-3
 
     def weights(self, features: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         return masked_weights(self.logits(features), present)
@@ -76,12 +106,12 @@ class Router(nn.Module):
 
     def save(self, path: Path) -> None:
         torch.save({"state": self.state_dict(), "clients": self.clients, "feature_dim": self.feature_dim,
-                    "hidden": self.hidden}, path)
+                    "hidden": self.hidden, "components": self.components}, path)
 
     @classmethod
     def load(cls, path: Path) -> "Router":
         blob = torch.load(path, weights_only=True)
-        router = cls(blob["feature_dim"], blob["clients"], blob["hidden"])
+        router = cls(blob["feature_dim"], blob["clients"], blob["hidden"], blob["components"])
         router.load_state_dict(blob["state"])
         return router
 
@@ -97,6 +127,7 @@ def fit_router(router: Router, features: torch.Tensor, scores_a: torch.Tensor, s
                weight_decay: float = 0.0, progress: bool = True, seed: int = 0) -> RouterFit:
     """Full-batch Adam on the pairwise objective. features (N, H); scores_* and present (N, K)."""
     torch.manual_seed(seed)
+    router.fit_projection(features)
     opt = torch.optim.Adam(router.parameters(), lr=lr, weight_decay=weight_decay)
     fit = RouterFit()
     router.train()
@@ -104,7 +135,8 @@ def fit_router(router: Router, features: torch.Tensor, scores_a: torch.Tensor, s
         weights = router.weights(features, present)
         ra = mixture_reward(weights, scores_a, router.scale, present)
         rb = mixture_reward(weights, scores_b, router.scale, present)
-        loss = pairwise_objective(ra, rb, labels)
+        conf = router.confidence(features)
+        loss = pairwise_objective(conf * ra, conf * rb, labels)
         opt.zero_grad()
         loss.backward()
         opt.step()

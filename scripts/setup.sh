@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up mor_secure in ./.venv (idempotent). torch==2.13.0 (CPU build) goes first and pinned:
+# any looser torch requirement makes pip fetch a CUDA build with several GB of packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  if command -v python3.11 >/dev/null 2>&1; then PY=python3.11; else PY=python3; fi
+fi
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  echo "mor_secure needs Python 3.11 (found $("$PY" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+echo "mor_secure is set up in .venv ($(.venv/bin/python -c 'import mor_secure; print(mor_secure.__version__)'))"

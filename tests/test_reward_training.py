@@ -1,0 +1,82 @@
+"""Phase 1: DP-SGD (Opacus) on LoRA reward models really trains, and records its event first."""
+
+import numpy as np
+import pytest
+import torch
+
+from mor_secure.data import make_client_pairs, make_samples, vocabulary
+from mor_secure.errors import ConfigError
+from mor_secure.models.factory import build_vlm
+from mor_secure.privacy.events import DpSgdTraining
+from mor_secure.rewards.reward_model import RewardModel
+from mor_secure.rewards.train import TrainSettings, pairwise_accuracy, plan_dpsgd, train_reward_model
+
+
+def planted_pairs(n: int, seed: int) -> list[dict]:
+    """A planted preference: for every image, the response 'yes' beats 'no'."""
+    samples = make_samples("shapes", "colour", n, seed=seed)
+    return [{"image": s["image"], "question": s["question"], "chosen": "yes", "rejected": "no"} for s in samples]
+
+
+def lora_state(rm: RewardModel) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in rm.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize("family", ["llava", "idefics3", "paligemma"])
+def test_dp_sgd_changes_lora_and_learns_planted_preference(family):
+    rm = RewardModel(build_vlm(family, vocabulary(), seed=0), lora_r=4)
+    before = lora_state(rm)
+    events: list[DpSgdTraining] = []
+    settings = TrainSettings(epochs=3, batch_size=32, lr=0.5, dp=True, target_epsilon=8.0, delta=1e-5)
+    result = train_reward_model(rm, planted_pairs(256, seed=1), settings, authorize=events.append, progress=False)
+    after = lora_state(rm)
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    # Opacus issue 820: LoRA updates silently lost. Every LoRA B matrix must have moved off zero.
+    assert changed and all(after[n].abs().sum() > 0 for n in after if "lora_B" in n)
+    assert len(events) == 1 and events[0] == result.event
+    assert events[0].noise_multiplier > 0.3 and events[0].num_records == 256
+    assert pairwise_accuracy(rm, planted_pairs(64, seed=9)) >= 0.95
+
+
+def test_event_is_authorised_before_any_step():
+    rm = RewardModel(build_vlm("llava", vocabulary(), seed=0), lora_r=4)
+    before = lora_state(rm)
+
+    def refuse(event):
+        raise RuntimeError("refused")
+
+    settings = TrainSettings(epochs=1, batch_size=16, lr=1e-2, dp=True, target_epsilon=1.0, delta=1e-5)
+    with pytest.raises(RuntimeError, match="refused"):
+        train_reward_model(rm, planted_pairs(32, seed=1), settings, authorize=refuse, progress=False)
+    assert all(torch.equal(before[n], p) for n, p in lora_state(rm).items()), "no step may run before authorisation"
+
+
+def test_planned_noise_meets_target_with_opacus_rdp():
+    from opacus.accountants import RDPAccountant
+
+    settings = TrainSettings(epochs=5, batch_size=64, lr=1e-3, dp=True, target_epsilon=4.0, delta=1e-5)
+    event = plan_dpsgd(2000, settings)
+    acct = RDPAccountant()
+    acct.history = [(event.noise_multiplier, event.sample_rate, event.steps)]
+    eps = acct.get_epsilon(1e-5)
+    assert 3.6 <= eps <= 4.0
+
+
+def test_dp_requires_ledger_and_target():
+    rm = RewardModel(build_vlm("llava", vocabulary(), seed=0), lora_r=2)
+    with pytest.raises(ConfigError, match="ledger"):
+        train_reward_model(rm, planted_pairs(16, 1), TrainSettings(1, 8, 1e-3, True, 8.0, 1e-5), progress=False)
+    with pytest.raises(ConfigError, match="privacy.epsilon"):
+        plan_dpsgd(100, TrainSettings(1, 8, 1e-3, True, None, None))
+
+
+def test_non_private_rm_learns_visual_preference():
+    """Without DP the RM learns the colour family from pixels (held-out pairs)."""
+    torch.manual_seed(0)
+    rm = RewardModel(build_vlm("llava", vocabulary(), seed=0), lora_r=8)
+    train = make_client_pairs("shapes", ["colour"], 600, seed=1, foreign_fraction=0.0)
+    test = make_client_pairs("shapes", ["colour"], 120, seed=2, foreign_fraction=0.0)
+    settings = TrainSettings(epochs=6, batch_size=32, lr=1e-3, dp=False, optimizer="adam")
+    result = train_reward_model(rm, train, settings, progress=False)
+    assert result.event is None and np.mean(result.losses[-5:]) < np.mean(result.losses[:5])
+    assert pairwise_accuracy(rm, test) >= 0.85
