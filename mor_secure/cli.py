@@ -11,29 +11,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from mor_secure.errors import MorSecureError
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    import datasets
-
-    datasets.disable_progress_bars()
+from mor_secure.quiet import quiet_libraries
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -144,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return args.func(args)
     except MorSecureError as exc:

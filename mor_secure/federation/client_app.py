@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from mor_secure.errors import BudgetExceededError, ConfigError, ProtocolError
 from mor_secure.federation import protocol as P
 from mor_secure.federation.client_node import ClientNode
+from mor_secure.quiet import quiet_libraries
 
 log = logging.getLogger(__name__)
 _NODES: dict[Path, ClientNode] = {}  # one per client folder in this process (simulation actors are shared)
@@ -54,6 +55,7 @@ def _guarded(handler):
 
     def wrapped(msg: Message, context: Context, run_dir: Path | None) -> Message:
         torch.set_num_threads(1)  # simulation runs several clients on few cores
+        quiet_libraries()
         try:
             return handler(msg, node_for(context, run_dir))
         except BudgetExceededError as exc:

@@ -8,8 +8,9 @@ Accountants (names used everywhere, side by side in reports):
 * ``dpa_pld`` -- Google dp-accounting ``PLDAccountant`` (**primary**: guarantees and budgets are
   stated with it). Pessimistic discretisation, so its epsilon is an upper bound. Interval
   ``1e-3 * 2**k`` with the smallest ``k >= 0`` such that the interval is at least ``1e-4`` times
-  the ``dpa_rdp`` epsilon: 1e-3 for epsilon <= 10 (within ~0.1% of 1e-4 in our checks, ~20x
-  faster), coarser (nested, still an upper bound) for vacuous epsilons that would be slow;
+  the ``dpa_rdp`` epsilon: 1e-3 for epsilon in [5, 10] (within ~0.1% of 1e-4 in our checks, ~20x
+  faster), halved until it is at most ``2e-4`` times that epsilon for small epsilons (so the
+  discretisation error stays well under 1% of epsilon), coarser (nested, still an upper bound) for vacuous epsilons that would be slow;
   reported as ``inf`` when the ``dpa_rdp`` epsilon exceeds ``PLD_VACUOUS_EPSILON`` (1e5), where
   PLD's discretisation overflows and no privacy is left anyway.
 * ``dpa_rdp`` -- dp-accounting ``RdpAccountant`` (default orders).
@@ -110,6 +111,8 @@ def _compose(trainings: Sequence[DpSgdTraining], releases: Sequence[GaussianScor
     interval = PLD_BASE_INTERVAL
     while interval < 1e-4 * rdp_eps:  # nested grids: a coarser interval stays an upper bound
         interval *= 2
+    while interval > 1e-6 and interval > 2e-4 * rdp_eps:  # small epsilons: keep the error relative
+        interval /= 2
     return float(PLDAccountant(value_discretization_interval=interval).compose(event).get_epsilon(delta))
 
 
