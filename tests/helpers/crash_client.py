@@ -23,7 +23,7 @@ ledger (every record has ``pid`` and wall-clock ``t``):
   {"ev": "release", "noise_std", "clip_bound", "count", "seq", "time"}
         written right after ClientNode.score returns, i.e. the moment the scores would be sent;
         ``seq`` is the ledger entry the client says covers it, ``time`` the wall clock (UTC, ISO)
-  {"ev": "refused"}                                 the client's budget guard refused a release
+  {"ev": "refused", "at": "train"|"score"}         the client's budget guard refused a training or a release
   {"ev": "done"}                                    MAX_RELEASES releases made
 
 The test kills client processes with SIGKILL at random moments.
@@ -58,6 +58,9 @@ def _imports():
     from mor_secure.errors import BudgetExceededError
     from mor_secure.federation import protocol as P
     from mor_secure.federation.client_node import ClientNode
+    from mor_secure.quiet import quiet_libraries
+
+    quiet_libraries()
 
     return np, opacus, BudgetExceededError, P, ClientNode
 
@@ -80,7 +83,11 @@ def client(folder: str, wire_path: str, max_releases: int) -> int:
 
     node = ClientNode(folder)
     wire(fd, ev="train_start")
-    node.train("crash-run", progress=False)
+    try:
+        node.train("crash-run", progress=False)
+    except BudgetExceededError:  # a retraining after earlier kills would cross the budget
+        wire(fd, ev="refused", at="train")
+        return 0
     wire(fd, ev="train_done")
 
     n = 4
@@ -91,7 +98,7 @@ def client(folder: str, wire_path: str, max_releases: int) -> int:
         try:
             scores = node.score(req)
         except BudgetExceededError:
-            wire(fd, ev="refused")
+            wire(fd, ev="refused", at="score")
             return 0
         # The scores exist and would be sent now: this is the release, observed outside the ledger.
         assert scores.shape == (n,)
@@ -113,6 +120,7 @@ def serve() -> int:
                 code = 1
                 try:
                     sys.stdin.close()
+                    os.dup2(2, 1)  # the parent's stdout carries the protocol: nothing else may go there
                     code = client(folder, wire_path, int(max_releases))
                 except BaseException:
                     traceback.print_exc()
