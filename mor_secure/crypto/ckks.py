@@ -44,6 +44,8 @@ __all__ = [
     "CkksParams",
     "MAX_ABS_VALUE",
     "MAX_CIPHERTEXT_BYTES",
+    "check_ciphertext",
+    "context_census",
     "decrypt_aggregate",
     "encrypt_scores",
     "load_context",
@@ -159,6 +161,29 @@ def encrypt_scores(ctx: ts.Context, scores: np.ndarray) -> bytes:
     return ts.ckks_vector(ctx, arr.tolist()).serialize()
 
 
+def _load_vector(ctx: ts.Context, data: object, length: int, who: str) -> ts.CKKSVector:
+    """Deserialize one ciphertext of ``length`` slots under ``ctx``; ProtocolError naming ``who``."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise ProtocolError(f"{who}: ciphertext is {type(data).__name__}, not bytes")
+    if not data or len(data) > MAX_CIPHERTEXT_BYTES:
+        raise ProtocolError(f"{who}: ciphertext has implausible size {len(data)} bytes")
+    try:
+        vec = ts.ckks_vector_from(ctx, bytes(data))
+    except (ValueError, RuntimeError, TypeError) as err:
+        raise ProtocolError(f"{who}: ciphertext failed to deserialize ({err})") from err
+    if vec.size() != length:
+        raise ProtocolError(f"{who}: ciphertext holds {vec.size()} slots, expected {length}")
+    return vec
+
+
+def check_ciphertext(public_ctx: ts.Context, data: object, length: int, who: str = "client") -> None:
+    """Server side: ProtocolError unless ``data`` is a ciphertext of ``length`` slots that loads
+    under ``public_ctx`` (size-bounded before parsing). Lets the server exclude one bad client
+    before aggregating the rest. A ciphertext under a foreign key of the same parameters
+    passes (see the module's known limits)."""
+    _load_vector(public_ctx, data, length, who)
+
+
 def weighted_sum(
     public_ctx: ts.Context,
     ciphertexts: Sequence[bytes],
@@ -198,16 +223,7 @@ def weighted_sum(
 
     acc = None
     for k, (data, w) in enumerate(zip(ciphertexts, ws)):
-        if not isinstance(data, (bytes, bytearray)):
-            raise ProtocolError(f"client {k}: ciphertext is {type(data).__name__}, not bytes")
-        if not data or len(data) > MAX_CIPHERTEXT_BYTES:
-            raise ProtocolError(f"client {k}: ciphertext has implausible size {len(data)} bytes")
-        try:
-            vec = ts.ckks_vector_from(public_ctx, bytes(data))
-        except (ValueError, RuntimeError, TypeError) as err:
-            raise ProtocolError(f"client {k}: ciphertext failed to deserialize ({err})") from err
-        if vec.size() != n:
-            raise ProtocolError(f"client {k}: ciphertext holds {vec.size()} slots, expected {n}")
+        vec = _load_vector(public_ctx, data, n, f"client {k}")
         if not np.any(w):
             continue
         try:
@@ -232,16 +248,24 @@ def decrypt_aggregate(secret_ctx: ts.Context, data: bytes, length: int) -> np.nd
         raise CryptoError("decrypt_aggregate needs the private CKKS context (client kit)")
     if not isinstance(length, (int, np.integer)) or not 1 <= int(length) <= slot_count(secret_ctx):
         raise ProtocolError(f"aggregate length {length!r} is not in 1..{slot_count(secret_ctx)}")
-    if not isinstance(data, (bytes, bytearray)) or not data or len(data) > MAX_CIPHERTEXT_BYTES:
-        raise ProtocolError("aggregate ciphertext is missing, not bytes, or implausibly large")
-    try:
-        vec = ts.ckks_vector_from(secret_ctx, bytes(data))
-    except (ValueError, RuntimeError, TypeError) as err:
-        raise ProtocolError(f"aggregate ciphertext failed to deserialize ({err})") from err
-    if vec.size() != int(length):
-        raise ProtocolError(f"aggregate holds {vec.size()} slots, expected {int(length)}")
+    vec = _load_vector(secret_ctx, data, int(length), "aggregate")
     try:
         out = np.asarray(vec.decrypt(), dtype=np.float64)
     except (ValueError, RuntimeError) as err:
         raise CryptoError(f"aggregate failed to decrypt ({err})") from err
     return out
+
+
+def context_census() -> dict[str, int]:
+    """Count the TenSEAL contexts alive in this process: ``{"private": n, "public": m}``.
+
+    An audit for the server process (DESIGN.md §4: the server never holds the secret key):
+    it walks the garbage collector's objects, so it sees every ``ts.Context`` any module keeps.
+    """
+    import gc
+
+    counts = {"private": 0, "public": 0}
+    for obj in gc.get_objects():
+        if isinstance(obj, ts.Context):
+            counts["private" if obj.is_private() or obj.has_secret_key() else "public"] += 1
+    return counts

@@ -4,6 +4,11 @@ Every reply is checked before use (``protocol.decode_*``): a refusal, an error, 
 non-finite, out-of-range or wrong-length score vector excludes that client from that request
 (the router renormalises over the rest) and is written to the run's event log with its reason.
 A client that refuses for budget is not asked again in this run.
+
+With ``federation.encryption: ckks`` GRPO rewards go through :meth:`Channel.mixture`: clients
+send ciphertexts, the server mixes them with its public CKKS context and a rotating decryptor
+client opens only the aggregate. The router fit (phase 2) always uses :meth:`Channel.score`:
+per-client noised scores in the clear, recorded in each client's ledger like every release.
 """
 
 from __future__ import annotations
@@ -14,15 +19,25 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from collections.abc import Callable, Sequence
+
 import numpy as np
+import tenseal as ts
+import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from PIL import Image
 
-from mor_secure.errors import ProtocolError
+from mor_secure.alignment.grpo import MixtureReward, completion_text
+from mor_secure.crypto import ckks
+from mor_secure.errors import ConfigError, CryptoError, ProtocolError
 from mor_secure.federation import protocol as P
+from mor_secure.rewards.router import Router
 
 log = logging.getLogger(__name__)
+
+# weights_fn(present (N, K) bool) -> effective per-slot weights (N, K): router weight x scale a_k
+WeightsFn = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass
@@ -41,6 +56,9 @@ class Channel:
     order: list[str] = field(default_factory=list)  # router column order
     exhausted: set[str] = field(default_factory=set)
     bytes_sent: int = 0
+    ckks_public: ts.Context | None = None  # public-only; set by use_ckks when encryption is on
+    decryptions: int = 0  # aggregates decrypted so far (drives the decryptor rotation)
+    ciphertext_bytes: int = 0  # ciphertext bytes received from clients and aggregates sent out
 
     def note(self, kind: str, **detail) -> None:
         """Append one line to the run's event log (refusals, rejections, dropouts)."""
@@ -69,42 +87,179 @@ class Channel:
         return self.clients
 
     # -- scoring -----------------------------------------------------------------------------------
-    def score(self, images: list[Image.Image], questions: list[str], responses: list[str],
-              image_index: np.ndarray, *, phase: str, purpose: str) -> tuple[np.ndarray, np.ndarray]:
-        """Scores (N, K) and the mask of clients present (N, K), K = ``self.order``."""
-        req = P.ScoreRequest(P.images_to_array(images), list(questions), list(responses), image_index,
-                             run_id=self.run_id, phase=phase, purpose=purpose)
+    def _ask(self, req: P.ScoreRequest) -> dict[str, RecordDict]:
+        """Send ``req`` to every client not exhausted; the contents of the replies that came back
+        without error from the node they claim, by client name. Everything else is noted."""
         content = P.encode_score_request(req)
         targets = [n for n in self.order if n not in self.exhausted]
         msgs = [Message(content=content, message_type="query.score", dst_node_id=self.clients[n].node_id)
                 for n in targets]
-        self.bytes_sent += len(targets) * (req.images.nbytes + sum(len(r) for r in responses))
-        n, k = len(responses), len(self.order)
-        scores, present = np.zeros((n, k)), np.zeros((n, k), dtype=bool)
+        self.bytes_sent += len(targets) * (req.images.nbytes + sum(len(r) for r in req.responses))
         by_node = {self.clients[name].node_id: name for name in targets}
         replies = self.grid.send_and_receive(msgs, timeout=self.timeout_s) if msgs else []
-        answered = set()
+        answered, good = set(), {}
         for reply in replies:
             name = by_node.get(reply.metadata.src_node_id)
             if name is None:
                 continue
             answered.add(name)
-            col = self.order.index(name)
             if reply.has_error():
                 kind = "budget_refused" if reply.error.code == P.ERR_BUDGET_REFUSED else "client_error"
                 if kind == "budget_refused":
                     self.exhausted.add(name)
-                self.note(kind, client=name, phase=phase, code=reply.error.code, reason=reply.error.reason)
+                self.note(kind, client=name, phase=req.phase, code=reply.error.code, reason=reply.error.reason)
                 continue
             try:
-                info = self.clients[name].hello
                 if P.client_name(reply.content) != name:
                     raise ProtocolError("reply names a different client than the node it came from")
-                scores[:, col] = P.decode_scores(reply.content, expected=n,
+            except ProtocolError as exc:
+                self.note("rejected", client=name, phase=req.phase, reason=str(exc))
+                continue
+            good[name] = reply.content
+        for name in set(targets) - answered:
+            self.note("dropped", client=name, phase=req.phase, reason=f"no reply within {self.timeout_s}s")
+        return good
+
+    def score(self, images: list[Image.Image], questions: list[str], responses: list[str],
+              image_index: np.ndarray, *, phase: str, purpose: str) -> tuple[np.ndarray, np.ndarray]:
+        """Plaintext (noised) scores (N, K) and the mask of clients present (N, K), K = ``self.order``.
+
+        Used for the router fit (phase 2) in every mode, and for GRPO when encryption is off.
+        """
+        req = P.ScoreRequest(P.images_to_array(images), list(questions), list(responses), image_index,
+                             run_id=self.run_id, phase=phase, purpose=purpose)
+        n, k = len(responses), len(self.order)
+        scores, present = np.zeros((n, k)), np.zeros((n, k), dtype=bool)
+        for name, content in self._ask(req).items():
+            col = self.order.index(name)
+            info = self.clients[name].hello
+            try:
+                scores[:, col] = P.decode_scores(content, expected=n,
                                                  limit=P.score_limit(info.clip_bound, info.noise_std))
                 present[:, col] = True
             except ProtocolError as exc:
                 self.note("rejected", client=name, phase=phase, reason=str(exc))
-        for name in set(targets) - answered:
-            self.note("dropped", client=name, phase=phase, reason=f"no reply within {self.timeout_s}s")
         return scores, present
+
+    # -- CKKS aggregation (DESIGN.md §4) --------------------------------------------------------------
+    def use_ckks(self, public_ctx: ts.Context) -> None:
+        """Turn on encrypted mixing with the server kit's PUBLIC context (CryptoError if private)."""
+        if not isinstance(public_ctx, ts.Context) or public_ctx.is_private() or public_ctx.has_secret_key():
+            raise CryptoError("the server's CKKS context must be public-only (server kit ckks_public.bin); "
+                              "re-run `mor-secure provision` and give the server its server kit")
+        self.ckks_public = public_ctx
+
+    def mixture(self, images: list[Image.Image], questions: list[str], responses: list[str],
+                image_index: np.ndarray, weights_fn: WeightsFn, *, phase: str,
+                purpose: str) -> tuple[np.ndarray, np.ndarray]:
+        """The mixture reward (N,) and the clients present (N, K), with every score encrypted.
+
+        Each client returns one ciphertext of its clipped, noised scores; the server checks each
+        (a bad one excludes that client, noted), forms ``Σ_k W[:, k] ⊙ Enc(s_k)`` with its public
+        context and ``W = weights_fn(present)`` (router weights × calibration scale, (N, K)), and a
+        rotating decryptor client opens only that aggregate. The server never holds one client's
+        scores in the clear. With no usable ciphertext, or no decryptor answering, the reward is 0
+        and no client counts as present (noted).
+        """
+        if self.ckks_public is None:
+            raise CryptoError("CKKS mixing needs the server's public context: call use_ckks first")
+        req = P.ScoreRequest(P.images_to_array(images), list(questions), list(responses), image_index,
+                             run_id=self.run_id, phase=phase, purpose=purpose, encrypt=True)
+        n, k = len(responses), len(self.order)
+        cts = self._ciphertexts(self._ask(req), n, phase)
+        present = np.zeros((n, k), dtype=bool)
+        for name in cts:
+            present[:, self.order.index(name)] = True
+        if not cts:
+            self.note("no_scores", phase=phase, reason="no client returned a usable ciphertext")
+            return np.zeros(n), present
+        weights = np.asarray(weights_fn(present), dtype=np.float64)  # (N, K)
+        names = [x for x in self.order if x in cts]
+        cols = [self.order.index(x) for x in names]
+        aggregate = ckks.weighted_sum(self.ckks_public, [cts[x] for x in names], [weights[:, c] for c in cols])
+        self.ciphertext_bytes += sum(len(cts[x]) for x in names) + len(aggregate)
+        limit = sum(np.abs(weights[:, c]) * self._limit(x) for x, c in zip(names, cols)) + 1e-3
+        reward = self._decrypt(aggregate, n, limit, names, phase)
+        if reward is None:
+            return np.zeros(n), np.zeros((n, k), dtype=bool)
+        return reward, present
+
+    def _limit(self, name: str) -> float:
+        info = self.clients[name].hello
+        return P.score_limit(info.clip_bound, info.noise_std)
+
+    def _ciphertexts(self, contents: dict[str, RecordDict], n: int, phase: str) -> dict[str, bytes]:
+        """The well-formed ciphertexts of ``n`` slots, by client; the others are noted and dropped."""
+        good = {}
+        for name, content in contents.items():
+            try:
+                data = P.decode_encrypted_scores(content, max_bytes=ckks.MAX_CIPHERTEXT_BYTES)
+                ckks.check_ciphertext(self.ckks_public, data, n, who=f"client {name}")
+                good[name] = data
+            except ProtocolError as exc:
+                self.note("rejected", client=name, phase=phase, reason=str(exc))
+        return good
+
+    def _decrypt(self, aggregate: bytes, n: int, limit: np.ndarray, candidates: list[str],
+                 phase: str) -> np.ndarray | None:
+        """Ask the decryptors in rotation (one per call, the next on failure; at most one try each)."""
+        start = self.decryptions % len(candidates)
+        self.decryptions += 1
+        content = P.encode_decrypt_request(self.run_id, phase, aggregate, n)
+        for name in candidates[start:] + candidates[:start]:
+            node = self.clients[name].node_id
+            msg = Message(content=content, message_type="query.decrypt", dst_node_id=node)
+            replies = list(self.grid.send_and_receive([msg], timeout=self.timeout_s))
+            reply = next((r for r in replies if r.metadata.src_node_id == node), None)
+            if reply is None:
+                self.note("decrypt_failed", client=name, phase=phase, reason=f"no reply within {self.timeout_s}s")
+            elif reply.has_error():
+                self.note("decrypt_failed", client=name, phase=phase, code=reply.error.code, reason=reply.error.reason)
+            else:
+                try:
+                    return P.decode_aggregate(reply.content, expected=n, limit=limit)
+                except ProtocolError as exc:
+                    self.note("decrypt_failed", client=name, phase=phase, reason=str(exc))
+        self.note("no_scores", phase=phase, reason="no decryptor returned the aggregate")
+        return None
+
+
+def server_public_context(record: dict) -> ts.Context:
+    """The public CKKS context of the server kit named in the run record (``server_kit``)."""
+    from mor_secure.crypto.provision import load_server_kit
+
+    path = record.get("server_kit")
+    if not path:
+        raise ConfigError("federation.encryption is ckks but the run names no server kit: pass "
+                          "--run-config \"server-kit='/abs/kits/server'\" to flwr run (see README 'Across machines')")
+    return load_server_kit(Path(path)).ckks_context
+
+
+class EncryptedMixtureReward(MixtureReward):
+    """The GRPO reward with CKKS on: the channel returns the decrypted mixture directly.
+
+    Same reward as :class:`MixtureReward` (``Σ_k w_k(x) a_k s_k``), but the router's weights are
+    applied to ciphertexts by the server and only the aggregate is decrypted (by a client).
+    """
+
+    def __init__(self, channel: Channel, router: Router, features: torch.Tensor,
+                 images: Sequence[Image.Image], questions: Sequence[str]) -> None:
+        super().__init__(channel.score, router, features, images, questions)
+        self.channel = channel
+
+    def __call__(self, prompts, completions, idx, **_: object) -> list[float]:
+        idx = np.asarray(idx, dtype=np.int64)
+        unique, inverse = np.unique(idx, return_inverse=True)
+        feats = self.features[idx]
+
+        def weights(present: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                w = self.router.weights(feats, torch.as_tensor(present)) * self.router.scale
+            return w.numpy()
+
+        reward, present = self.channel.mixture(
+            [self.images[i] for i in unique], [self.questions[i] for i in unique],
+            [completion_text(c) for c in completions], inverse.astype(np.int64), weights,
+            phase="grpo", purpose="score policy samples (CKKS)")
+        self.log.steps.append({"reward_mean": float(reward.mean()), "clients_present": present.any(0).tolist()})
+        return reward.tolist()

@@ -1,9 +1,12 @@
 """The MoR ClientApp: Flower handlers around ``ClientNode``.
 
 Which client folder a node serves: ``node_config["client-dir"]`` in deployment (each
-SuperNode is started with its own folder), else in simulation the run folder's
-``clients.json`` entry at ``partition-id``. The run folder comes from the factory argument
-(``mor-secure run``) or ``run_config["run-dir"]`` (``flwr run .``).
+SuperNode is started with its own folder, prepared by ``mor-secure client init``), else in
+simulation the run folder's ``clients.json`` entry at ``partition-id``. The run folder comes
+from the factory argument (``mor-secure run``) or ``run_config["run-dir"]`` (``flwr run .``).
+
+Which kit (CKKS secret context): ``node_config["kit-dir"]`` in deployment, else in simulation
+``<run>/kits/clients/<name>`` when the run provisioned kits (``federation.encryption: ckks``).
 """
 
 from __future__ import annotations
@@ -18,13 +21,13 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from mor_secure.errors import BudgetExceededError, ConfigError, ProtocolError
+from mor_secure.errors import BudgetExceededError, ConfigError, CryptoError, ProtocolError
 from mor_secure.federation import protocol as P
 from mor_secure.federation.client_node import ClientNode
 from mor_secure.quiet import quiet_libraries
 
 log = logging.getLogger(__name__)
-_NODES: dict[Path, ClientNode] = {}  # one per client folder in this process (simulation actors are shared)
+_NODES: dict[tuple[Path, Path | None], ClientNode] = {}  # one per (client folder, kit) in this process
 _NODES_LOCK = threading.Lock()
 
 
@@ -42,12 +45,21 @@ def resolve_client_dir(context: Context, run_dir: Path | None) -> Path:
     return (run_dir / "clients" / names[pid]).resolve()
 
 
+def resolve_kit_dir(context: Context, client_dir: Path) -> Path | None:
+    """The client's kit: node_config 'kit-dir', else the simulation run's own kit, else None."""
+    if "kit-dir" in context.node_config:
+        return Path(str(context.node_config["kit-dir"])).resolve()
+    sim_kit = client_dir.parent.parent / "kits" / "clients" / client_dir.name
+    return sim_kit if (client_dir.parent.parent / "clients.json").is_file() and sim_kit.is_dir() else None
+
+
 def node_for(context: Context, run_dir: Path | None) -> ClientNode:
     folder = resolve_client_dir(context, run_dir)
+    key = (folder, resolve_kit_dir(context, folder))
     with _NODES_LOCK:
-        if folder not in _NODES:
-            _NODES[folder] = ClientNode(folder)
-        return _NODES[folder]
+        if key not in _NODES:
+            _NODES[key] = ClientNode(*key)
+        return _NODES[key]
 
 
 def _guarded(handler):
@@ -62,7 +74,7 @@ def _guarded(handler):
             return P.error_reply(msg, P.ERR_BUDGET_REFUSED, str(exc))
         except ProtocolError as exc:
             return P.error_reply(msg, P.ERR_BAD_REQUEST, str(exc))
-        except ConfigError as exc:
+        except (ConfigError, CryptoError) as exc:
             return P.error_reply(msg, P.ERR_NOT_READY, str(exc))
         except Exception as exc:  # noqa: BLE001 - reported to the server, with the trace in the client log
             log.error("client handler failed:\n%s", traceback.format_exc())
@@ -85,8 +97,17 @@ def handle_train(msg: Message, node: ClientNode) -> Message:
 @_guarded
 def handle_score(msg: Message, node: ClientNode) -> Message:
     req = P.decode_score_request(msg.content)
+    if req.encrypt:
+        _ = node.ckks_context  # no kit: refuse before anything is recorded or computed
+        return Message(P.encode_encrypted_scores(node.name, node.encrypt(node.score(req))), reply_to=msg)
     scores = node.score(req)
     return Message(P.encode_scores(node.name, scores), reply_to=msg)
+
+
+@_guarded
+def handle_decrypt(msg: Message, node: ClientNode) -> Message:
+    req = P.decode_decrypt_request(msg.content)
+    return Message(P.encode_aggregate(node.name, node.decrypt(req)), reply_to=msg)
 
 
 def make_client_app(run_dir: Path | None = None) -> ClientApp:
@@ -99,6 +120,10 @@ def make_client_app(run_dir: Path | None = None) -> ClientApp:
     @app.query("score")
     def score(msg: Message, context: Context) -> Message:
         return handle_score(msg, context, run_dir)
+
+    @app.query("decrypt")
+    def decrypt(msg: Message, context: Context) -> Message:
+        return handle_decrypt(msg, context, run_dir)
 
     return app
 

@@ -7,6 +7,9 @@ A client folder (the client's own disk) holds:
   ledger.jsonl        its privacy ledger; ledger_key.pem / ledger_key.pub sign and verify it
   rm/                 its trained reward model (never leaves this folder)
 
+and, apart from it, the client's provisioning kit (``mor-secure provision``): TLS CA, node-auth
+key and the CKKS secret context used to encrypt scores and, as decryptor, open aggregates.
+
 Budgets are enforced here, from this folder's own configuration -- never from anything the
 server says. Every release is authorised by the client's ``BudgetGuard`` (write-ahead ledger
 entry) before it is computed and sent; a refusal raises ``BudgetExceededError``.
@@ -24,9 +27,10 @@ import numpy as np
 import torch
 
 from mor_secure.config import ClientSection
+from mor_secure.crypto import ckks
 from mor_secure.data import load_split, vocabulary
 from mor_secure.errors import ConfigError
-from mor_secure.federation.protocol import ScoreRequest
+from mor_secure.federation.protocol import DecryptRequest, ScoreRequest
 from mor_secure.models.factory import build_vlm, load_vlm
 from mor_secure.privacy.budget import Budget, BudgetGuard
 from mor_secure.privacy.events import GaussianScoreRelease
@@ -63,8 +67,10 @@ class ClientSetup:
 class ClientNode:
     """One client: trains its RM in phase 1 and releases protected scores afterwards."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, kit_dir: Path | None = None) -> None:
         self.folder = Path(folder)
+        self.kit_dir = Path(kit_dir) if kit_dir is not None else None
+        self._ckks = None
         self.setup = ClientSetup.read(self.folder)
         self.config = self.setup.config
         self.ledger = Ledger(self.folder / "ledger.jsonl", signing_key=load_signing_key(self.folder / "ledger_key.pem"))
@@ -84,6 +90,22 @@ class ClientNode:
     @property
     def rm_dir(self) -> Path:
         return self.folder / "rm"
+
+    @property
+    def ckks_context(self):
+        """The kit's secret CKKS context (loaded once, kit checked: permissions, manifest)."""
+        if self._ckks is None:
+            if self.kit_dir is None:
+                raise ConfigError(f"client {self.name} has no provisioning kit, so it cannot use CKKS: start its "
+                                  "SuperNode with --node-config 'kit-dir=\"PATH\"' (see README 'Across machines')")
+            from mor_secure.crypto.provision import load_client_kit
+
+            kit = load_client_kit(self.kit_dir)
+            if kit.name != self.name:
+                raise ConfigError(f"kit {self.kit_dir} belongs to client {kit.name!r}, not {self.name!r}; "
+                                  "pass this client's own kit as kit-dir")
+            self._ckks = kit.ckks_context
+        return self._ckks
 
     # -- releases ------------------------------------------------------------------------------
     def _record(self, event, context: dict) -> None:
@@ -149,3 +171,14 @@ class ClientNode:
                 raw = rm.score(req.pil_images(), req.questions_per_response(), req.responses)
             clipped = np.clip(raw.numpy().astype(np.float64), -bound, bound)
             return clipped + self._noise.normal(0.0, sigma, size=clipped.shape) if sigma > 0 else clipped
+
+    def encrypt(self, scores: np.ndarray) -> bytes:
+        """One packed CKKS ciphertext of already clipped, noised scores (adds no DP, only secrecy)."""
+        return ckks.encrypt_scores(self.ckks_context, scores)
+
+    def decrypt(self, req: DecryptRequest) -> np.ndarray:
+        """Decryptor role: open the aggregate the server formed. Releases nothing of this client's
+        own data beyond its already-ledgered encrypted scores, so it is not a ledger event."""
+        log.info("client %s decrypts an aggregate of %d slots (run %s, %s)", self.name, req.length, req.run_id,
+                 req.phase)
+        return ckks.decrypt_aggregate(self.ckks_context, req.ciphertext, req.length)

@@ -21,7 +21,7 @@ from mor_secure.alignment.grpo import MixtureReward, build_dataset, run_grpo
 from mor_secure.alignment.policy import generate_answers, oracle_accuracy, prompt_features, warmup
 from mor_secure.config import RunConfig, load_config
 from mor_secure.data import load_split, vocabulary
-from mor_secure.federation.channel import Channel
+from mor_secure.federation.channel import Channel, EncryptedMixtureReward, server_public_context
 from mor_secure.models.factory import build_vlm, load_vlm
 from mor_secure.rewards.router import Router, fit_router, masked_weights
 
@@ -132,12 +132,18 @@ class Orchestrator:
         def scorer(imgs, qs, responses, index):
             return self.channel.score(imgs, qs, responses, index, phase="grpo", purpose="score policy samples")
 
-        reward = MixtureReward(scorer, router, feats, images, questions)
+        if self.cfg.federation.encryption == "ckks":  # clients' scores reach the server only as ciphertexts
+            self.channel.use_ckks(server_public_context(self.record))
+            reward = EncryptedMixtureReward(self.channel, router, feats, images, questions)
+        else:
+            reward = MixtureReward(scorer, router, feats, images, questions)
         dataset = build_dataset(images, questions, [r["family"] for r in self.public])
         history = run_grpo(policy, dataset, reward, self.cfg.grpo, out_dir=self.run_dir / "grpo_trainer",
                            seed=self.cfg.run.seed, progress=self.progress)
         policy.save(self.run_dir / "policy_aligned")
-        self.done("grpo", t, {"history": history, "bytes_sent_to_clients": self.channel.bytes_sent})
+        self.done("grpo", t, {"history": history, "bytes_sent_to_clients": self.channel.bytes_sent,
+                              "encryption": self.cfg.federation.encryption,
+                              "ciphertext_bytes": self.channel.ciphertext_bytes})
         return history
 
     # -- evaluation -------------------------------------------------------------------------------

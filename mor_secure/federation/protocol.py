@@ -5,10 +5,15 @@ Server -> client
   ``query.score``  phases 2-3 and evaluation: score these responses. Content: the public
                    prompts' images (uint8, (M, H, W, 3)), their questions (M), the responses (N)
                    and, for each response, the index of its prompt (N). Nothing private.
+  ``query.decrypt`` CKKS only: decrypt this aggregate of N slots (``cfg.ciphertext``).
 Client -> server
   ``train`` reply  the client's name, its RM's model class and its declared clip bound.
-  ``query.score``  reply: the clipped, noised scores (float32, (N,)) -- or, with CKKS on, one
-                   ciphertext of them -- recorded in the client's ledger before sending.
+  ``query.score``  reply: the clipped, noised scores (float32, (N,)) -- or, with CKKS on
+                   (``cfg.encrypt``), one packed CKKS ciphertext of them (``out.ciphertext``,
+                   bytes) and no plaintext -- recorded in the client's ledger before sending.
+  ``query.decrypt`` reply (decryptor client only): the decrypted router-weighted aggregate
+                   (float64, (N,)). The request carries the aggregate ciphertext the server
+                   formed with its public context, never one client's ciphertext by design.
   Error replies    ``Message(Error(code, reason))``; codes below. A refused client leaves the
                    mixture for that request and the router renormalises.
 
@@ -175,3 +180,70 @@ def error_reply(msg: Message, code: int, reason: str) -> Message:
     from flwr.app import Error
 
     return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+# -- CKKS (DESIGN.md §4) --------------------------------------------------------------------------
+def encode_encrypted_scores(client: str, ciphertext: bytes) -> RecordDict:
+    """The reply to an encrypted ``query.score``: one ciphertext, no plaintext scores."""
+    return RecordDict({"out": ConfigRecord({"ciphertext": bytes(ciphertext)}),
+                       "meta": ConfigRecord({"client": client})})
+
+
+def decode_encrypted_scores(content: RecordDict, *, max_bytes: int) -> bytes:
+    """The ciphertext of an encrypted score reply. Refuses a reply that carries plaintext scores
+    (fail closed: with CKKS on, a client's scores must never reach the server in the clear)."""
+    out = content.get("out")
+    if out is None:
+        raise ProtocolError("message is missing out.ciphertext")
+    if "scores" in out:
+        raise ProtocolError("out.scores is plaintext but CKKS was requested; the reply is discarded unread")
+    data = _field(content, "out", "ciphertext")
+    if not isinstance(data, bytes) or not data:
+        raise ProtocolError("out.ciphertext must be non-empty bytes")
+    if len(data) > max_bytes:
+        raise ProtocolError(f"out.ciphertext has {len(data)} bytes; at most {max_bytes}")
+    return data
+
+
+def encode_decrypt_request(run_id: str, phase: str, ciphertext: bytes, length: int) -> RecordDict:
+    return RecordDict({"cfg": ConfigRecord({"run_id": run_id, "phase": phase, "ciphertext": bytes(ciphertext),
+                                            "length": int(length)})})
+
+
+@dataclass(frozen=True)
+class DecryptRequest:
+    run_id: str
+    phase: str
+    ciphertext: bytes
+    length: int
+
+
+def decode_decrypt_request(content: RecordDict) -> DecryptRequest:
+    run_id, phase = _field(content, "cfg", "run_id"), _field(content, "cfg", "phase")
+    data, length = _field(content, "cfg", "ciphertext"), _field(content, "cfg", "length")
+    for key, value in (("run_id", run_id), ("phase", phase)):
+        if not isinstance(value, str) or not value:
+            raise ProtocolError(f"cfg.{key} must be a non-empty string")
+    if not isinstance(data, bytes) or not data:
+        raise ProtocolError("cfg.ciphertext must be non-empty bytes")
+    if isinstance(length, bool) or not isinstance(length, int) or not 1 <= length <= MAX_ITEMS:
+        raise ProtocolError(f"cfg.length must be an integer in 1..{MAX_ITEMS}; found {length!r}")
+    return DecryptRequest(run_id, phase, data, length)
+
+
+def encode_aggregate(client: str, values: np.ndarray) -> RecordDict:
+    return RecordDict({"out": ArrayRecord({"aggregate": Array(np.asarray(values, dtype=np.float64))}),
+                       "meta": ConfigRecord({"client": client})})
+
+
+def decode_aggregate(content: RecordDict, *, expected: int, limit: np.ndarray) -> np.ndarray:
+    """The decryptor's plaintext aggregate, checked: finite, length ``expected``, and
+    ``|value_i| <= limit_i`` (the largest |Σ_k w_ik s_ik| the declared score ranges allow)."""
+    values = _field(content, "out", "aggregate").numpy()
+    if values.ndim != 1 or values.dtype.kind != "f" or len(values) != expected:
+        raise ProtocolError(f"out.aggregate must be a 1-D float array of {expected}; found {values.dtype} {values.shape}")
+    if not np.all(np.isfinite(values)):
+        raise ProtocolError("out.aggregate contains NaN or infinite values")
+    if np.any(np.abs(values) > limit):
+        raise ProtocolError("out.aggregate is outside the range the declared score bounds allow")
+    return values.astype(np.float64)
