@@ -80,7 +80,9 @@ def test_html_is_self_contained_with_a_row_and_plot_per_client(written):
         assert re.search(rf'<tr id="client-{name}">', html)
     assert html.count("<img ") == 4 and html.count('src="data:image/png;base64,') == 4
     assert all(alt for alt in re.findall(r'<img [^>]*alt="([^"]*)"', html))
-    assert not re.search(r'(src|href)="(?!data:)', html)  # no external resources
+    assert not re.search(r'src="(?!data:)', html) and not re.search(r'href="(?!#)', html)  # no external resources
+    for target in re.findall(r'href="#([^"]+)"', html):  # in-page links land on an element
+        assert f'id="{target}"' in html
     assert "http://" not in html and "https://" not in html and "<script" not in html and "<link" not in html
     assert "insecure_no_tls" in html and "add/remove one preference record of this client" in html
 

@@ -211,11 +211,18 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey) -> VerifyResult:
     return _scan(path, public_key).result
 
 
+def read_entries(path: Path, public_key: Ed25519PublicKey | None) -> tuple[list[dict[str, Any]], VerifyResult]:
+    """The raw entries (``seq``, ``time``, ``event``, ``context``, ...) of the verified prefix, in
+    order, and the verification result. Signatures are checked only when ``public_key`` is given."""
+    scan = _scan(path, public_key)
+    return scan.entries, scan.result
+
+
 def read_ledger(path: Path, public_key: Ed25519PublicKey | None) -> tuple[list[tuple[PrivacyEvent, dict[str, Any]]], VerifyResult]:
     """The (event, context) pairs of the verified prefix, in order, and the verification result.
     Signatures are checked only when ``public_key`` is given."""
-    scan = _scan(path, public_key)
-    return [(event_from_dict(e["event"]), e["context"]) for e in scan.entries], scan.result
+    entries, result = read_entries(path, public_key)
+    return [(event_from_dict(e["event"]), e["context"]) for e in entries], result
 
 
 def events(path: Path, public_key: Ed25519PublicKey | None = None) -> list[tuple[PrivacyEvent, dict[str, Any]]]:
