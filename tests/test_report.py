@@ -7,55 +7,17 @@ import re
 
 import dp_accounting as dpa
 import pytest
-import yaml
 from dp_accounting.pld import PLDAccountant
+from helpers.report_run import DELTA, NOISED, TRAIN, client_ledger, make_run_dir
 
 from mor_secure.compliance.report import write_report
 from mor_secure.errors import ConfigError
-from mor_secure.privacy.budget import Budget, BudgetGuard
-from mor_secure.privacy.events import DpSgdTraining, GaussianScoreRelease
-from mor_secure.privacy.ledger import Ledger, generate_signing_key
-
-DELTA = 1e-5
-TRAIN = DpSgdTraining(noise_multiplier=1.0, sample_rate=0.02, steps=100, max_grad_norm=1.0, num_records=50)
-NOISED = GaussianScoreRelease(noise_std=60.0, clip_bound=1.0, count=4)
-CLEAR = GaussianScoreRelease(noise_std=0.0, clip_bound=1.0, count=4)
-CONFIG = {
-    "clients": [
-        {"name": "hospital-a", "budget": {"epsilon": 3.0, "delta": DELTA}},
-        {"name": "bank b", "budget": {"epsilon": 2.0, "delta": DELTA, "phase_caps": {"router_fit": 1.0}}},
-        {"name": "tampered", "budget": {"epsilon": 3.0, "delta": DELTA}},
-        {"name": "absent", "budget": {"epsilon": 3.0, "delta": DELTA}},
-    ]
-}
-
-
-def _client(run_dir, name, budget, releases):
-    d = run_dir / "clients" / name
-    d.mkdir(parents=True)
-    key = generate_signing_key(d / "ledger_key.pem", d / "ledger_key.pub")
-    guard = BudgetGuard(Ledger(d / "ledger.jsonl", signing_key=key), Budget.from_dict(budget))
-    for event, phase in releases:
-        guard.authorize(event, {"run_id": "run-7", "phase": phase, "purpose": "test", "client": name})
-    return d / "ledger.jsonl"
+from mor_secure.privacy.events import DpSgdTraining
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("run")
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(CONFIG))
-    record = {"run_id": "run-7", "insecure_flags": ["insecure_no_tls"],
-              "clients": {"hospital-a": {"model_class": "LlavaRewardModel"}}}
-    (run_dir / "run_record.json").write_text(json.dumps(record))
-    budgets = {c["name"]: c["budget"] for c in CONFIG["clients"]}
-    _client(run_dir, "hospital-a", budgets["hospital-a"],
-            [(TRAIN, "rm_training"), (CLEAR, "router_fit"), (CLEAR, "grpo"), (CLEAR, "grpo")])
-    _client(run_dir, "bank b", budgets["bank b"], [(NOISED, "router_fit"), (NOISED, "grpo"), (NOISED, "grpo")])
-    tampered = _client(run_dir, "tampered", budgets["tampered"], [(NOISED, "grpo")] * 3)
-    raw = tampered.read_bytes()
-    start = raw.index(b"\n") + 1  # change the noise of entry 2 in place
-    tampered.write_bytes(raw[:start] + raw[start:].replace(b'"noise_std":60.0', b'"noise_std":90.0', 1))
-    return run_dir
+    return make_run_dir(tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +86,7 @@ def test_missing_ledger_states_no_guarantee(written):
 
 def test_torn_tail_keeps_the_guarantee_valid_and_config_may_be_passed(tmp_path):
     budget = {"epsilon": 3.0, "delta": DELTA}
-    ledger = _client(tmp_path, "c1", budget, [(NOISED, "grpo")] * 2)
+    ledger = client_ledger(tmp_path, "c1", budget, [(NOISED, "grpo")] * 2)
     ledger.write_bytes(ledger.read_bytes() + b'{"context":{"cl')
     _, json_path = write_report(tmp_path, config={"clients": {"c1": {"budget": budget}}})
     (c,) = json.loads(json_path.read_text())["clients"]
