@@ -180,9 +180,19 @@ class Channel:
         self.ciphertext_bytes += sum(len(cts[x]) for x in names) + len(aggregate)
         limit = sum(np.abs(weights[:, c]) * self._limit(x) for x, c in zip(names, cols)) + 1e-3
         reward = self._decrypt(aggregate, n, limit, names, phase)
+        if self.decryptions == 1:
+            self.audit_keys(phase)
         if reward is None:
             return np.zeros(n), np.zeros((n, k), dtype=bool)
         return reward, present
+
+    def audit_keys(self, phase: str) -> None:
+        """Record in ``key_audit.json`` the TenSEAL contexts this (server) process holds now,
+        while encrypted mixing is live (see ``ckks.context_census``)."""
+        path = self.events_path.parent / "key_audit.json"
+        audit = json.loads(path.read_text()) if path.exists() else {"process": "server"}
+        audit[f"during_{phase}"] = ckks.context_census()
+        path.write_text(json.dumps(audit, indent=2))
 
     def _limit(self, name: str) -> float:
         info = self.clients[name].hello

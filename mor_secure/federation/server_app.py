@@ -7,9 +7,10 @@ With ``federation.encryption: ckks`` the server needs its kit's PUBLIC CKKS cont
 * simulation (``mor-secure run``): everything runs on one machine, so the run plays the
   provisioner and issues kits into ``<run>/kits`` (server kit + one client kit each).
 
-After the run (completed or failed) the server writes ``key_audit.json``: how many TenSEAL
-contexts its process holds, private and public. A private count above 0 would mean the server
-held a secret key; tests assert it is 0.
+``key_audit.json`` counts the TenSEAL contexts the server process holds, private and public:
+while encrypted mixing is live (``during_grpo``, written by the channel) and after the run
+(``after_run``, completed or failed). A private count above 0 would mean the server held a
+secret key; tests assert it is 0.
 """
 
 from __future__ import annotations
@@ -62,10 +63,12 @@ def provision_simulation_kits(run_dir: Path, clients: list[str]) -> Path:
 
 
 def write_key_audit(run_dir: Path) -> dict:
-    """Census of the TenSEAL contexts alive in this (server) process, written to key_audit.json."""
+    """Census of the TenSEAL contexts alive in this (server) process, added to key_audit.json."""
     gc.collect()
-    audit = {"process": "server", "ckks_contexts": ckks.context_census()}
-    write_json(run_dir / "key_audit.json", audit)
+    path = run_dir / "key_audit.json"
+    audit = json.loads(path.read_text()) if path.exists() else {"process": "server"}
+    audit["after_run"] = ckks.context_census()
+    write_json(path, audit)
     return audit
 
 

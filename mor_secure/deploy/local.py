@@ -1,0 +1,148 @@
+"""Flower's deployment runtime, hardened: SuperLink and SuperNode command lines from the kits,
+and a loopback rehearsal (every process on 127.0.0.1) used by the tests.
+
+Flower 1.42 facts this relies on (checked in its source and ``--help``):
+
+* ``flower-superlink`` serves the Fleet, Control and Runtime APIs over HTTP(S) on one
+  ``--host``/``--port`` (default 127.0.0.1:8000); TLS from ``--ssl-certfile/--ssl-keyfile``
+  (``--ssl-ca-certfile`` for its own SuperExec). ``--enable-supernode-auth`` refuses every
+  SuperNode whose public key was not added with ``flwr supernode register KEY.pub CONN``.
+  ``--disable-runtime-dependency-installation`` stops it running ``uv sync`` for each app.
+* ``flower-supernode --superlink HOST:PORT --root-certificates CA --auth-supernode-private-key
+  KEY --node-config '...'``; each SuperNode also serves a local Runtime API on ``--port``
+  (default 9094), so SuperNodes sharing a host need distinct ports.
+* ``flwr`` reads connections from ``$FLWR_HOME/config.toml`` (``[superlink.<name>]`` with
+  ``address`` and an absolute ``root-certificates``).
+* Both daemons start their SuperExec (and the App processes) as subprocesses found on PATH:
+  the virtual environment's ``bin`` must be on PATH.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from mor_secure.crypto.provision import load_client_kit, load_server_kit
+from mor_secure.errors import ConfigError
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port free on ``host`` right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for Flower's commands: this Python's ``bin`` on PATH, its own FLWR_HOME."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("HF_DATASETS_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def superlink_argv(server_kit: Path, host: str, port: int) -> list[str]:
+    """``flower-superlink`` with TLS, SuperNode authentication, no runtime installs."""
+    kit = load_server_kit(server_kit)
+    return ["flower-superlink", *kit.superlink_tls_args(), "--disable-runtime-dependency-installation",
+            "--host", host, "--port", str(port)]
+
+
+def supernode_argv(client_kit: Path, client_dir: Path, superlink: str, runtime_port: int) -> list[str]:
+    """``flower-supernode`` with the kit's CA and node key; client and kit folders as node config."""
+    kit = load_client_kit(client_kit)
+    node_config = f'client-dir="{Path(client_dir).resolve()}" kit-dir="{Path(client_kit).resolve()}"'
+    return ["flower-supernode", "--superlink", superlink, *kit.supernode_args(), "--node-config", node_config,
+            "--host", LOOPBACK, "--port", str(runtime_port)]
+
+
+def write_connection(flwr_home: Path, name: str, address: str, ca_pem: Path) -> Path:
+    """Write ``$FLWR_HOME/config.toml`` with one TLS connection ``name`` (the default)."""
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"connection name {name!r} must be letters, digits, '-' or '_'")
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    path.write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n'
+                    f'root-certificates = "{Path(ca_pem).resolve()}"\n')
+    return path
+
+
+def wait_for_port(host: str, port: int, timeout_s: float) -> None:
+    """Return once ``host:port`` accepts TCP connections; TimeoutError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s:.0f}s")
+
+
+@dataclass
+class ProcessGroup:
+    """Processes started for a deployment, each logging to its own file; ``stop`` ends them all.
+
+    Guarantee: after ``stop`` (also on exceptions, as a context manager) no process started here,
+    and no descendant of one (SuperExec, App processes), is left running.
+    """
+
+    log_dir: Path
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                start_new_session=True)
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        family = []
+        for proc in self.procs.values():
+            try:
+                family += [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        for p in family:
+            _signal(p, signal.SIGTERM)
+        _, alive = psutil.wait_procs(family, timeout=grace_s)
+        for p in alive:
+            _signal(p, signal.SIGKILL)
+        psutil.wait_procs(alive, timeout=grace_s)
+        for proc in self.procs.values():
+            proc.poll()
+
+    def __enter__(self) -> "ProcessGroup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _signal(p: psutil.Process, sig: int) -> None:
+    try:
+        p.send_signal(sig)
+    except psutil.NoSuchProcess:
+        pass

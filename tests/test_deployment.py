@@ -1,0 +1,146 @@
+"""Flower's deployment runtime on loopback: a real TLS SuperLink with SuperNode authentication,
+three real SuperNodes with their own client folders and kits, a MoR job through ``flwr run``
+with CKKS aggregation, and the connections that must be refused.
+
+Every server binds 127.0.0.1 on a free port; every process is bounded by a timeout and killed
+in teardown (``ProcessGroup``), descendants included.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from mor_secure.config import load_config
+from mor_secure.crypto.provision import provision
+from mor_secure.deploy.client_init import init_client_folder
+from mor_secure.deploy.local import (
+    LOOPBACK, ProcessGroup, flower_env, free_port, superlink_argv, supernode_argv, wait_for_port,
+    write_connection,
+)
+from mor_secure.privacy.ledger import load_public_key, verify_ledger
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs" / "deploy_smoke.yaml"
+CLIENTS = ["alpha", "beta", "gamma"]
+RUN_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def link(tmp_path_factory):
+    """A running SuperLink (TLS + SuperNode auth) with the three clients' keys registered.
+
+    ``delta`` is provisioned by the same CA but never registered.
+    """
+    root = tmp_path_factory.mktemp("deploy")
+    kits = provision(root / "kits", [*CLIENTS, "delta"])
+    env = flower_env(root / "flwr_home")
+    port = free_port()
+    address = f"{LOOPBACK}:{port}"
+    write_connection(root / "flwr_home", "local", address, kits.server_dir / "ca.pem")
+    with ProcessGroup(root / "logs") as group:
+        group.start("superlink", ["timeout", str(RUN_TIMEOUT_S + 120), *superlink_argv(kits.server_dir, LOOPBACK, port)],
+                    env, cwd=root)
+        wait_for_port(LOOPBACK, port, timeout_s=60)
+        for name in CLIENTS:
+            reg = subprocess.run(["flwr", "supernode", "register", str(kits.server_dir / "supernodes" / f"{name}.pub"),
+                                  "local"], env=env, capture_output=True, text=True, timeout=60)
+            assert reg.returncode == 0 and "registered" in reg.stdout, reg.stdout + reg.stderr
+        yield {"root": root, "kits": kits, "env": env, "address": address, "group": group}
+
+
+def start_node(link, name: str, argv: list[str], timeout_s: int = 60):
+    return link["group"].start(name, ["timeout", str(timeout_s), *argv], link["env"], cwd=link["root"])
+
+
+def refused(link, name: str, argv: list[str]) -> tuple[int, str]:
+    """Start a SuperNode that must fail to join; its exit code and log."""
+    proc = start_node(link, name, [*argv, "--max-retries", "1", "--max-wait-time", "10"])
+    rc = proc.wait(timeout=60)
+    return rc, link["group"].log(name)
+
+
+def node_argv(link, kit: str) -> list[str]:
+    folder = link["root"] / "unused" / kit
+    return supernode_argv(link["kits"].client_dirs[kit], folder, link["address"], free_port())
+
+
+def test_supernode_without_the_ca_is_refused(link):
+    argv = node_argv(link, "alpha")
+    i = argv.index("--root-certificates")
+    rc, log = refused(link, "no_ca", argv[:i] + argv[i + 2:])  # system trust store only
+    assert rc != 0 and "CERTIFICATE_VERIFY_FAILED" in log
+
+
+def test_plaintext_supernode_is_refused(link):
+    argv = node_argv(link, "alpha")
+    i = argv.index("--root-certificates")
+    rc, log = refused(link, "plaintext", argv[:i] + ["--insecure"] + argv[i + 4:])  # no CA, no node key
+    assert rc != 0 and "could not establish a connection" in log
+
+
+def test_unregistered_supernode_is_refused(link):
+    rc, log = refused(link, "unregistered", node_argv(link, "delta"))
+    assert rc != 0 and "Failed to activate SuperNode" in log
+
+
+@pytest.fixture(scope="module")
+def job(link):
+    """Three SuperNodes with their own folders, one MoR job (CKKS on) through ``flwr run``."""
+    root, kits, env = link["root"], link["kits"], link["env"]
+    cfg = load_config(CONFIG)
+    for name in CLIENTS:
+        folder = init_client_folder(cfg, name, root / "clients" / name, kits.client_dirs[name])
+        start_node(link, f"supernode_{name}", supernode_argv(kits.client_dirs[name], folder, link["address"],
+                                                              free_port()), timeout_s=RUN_TIMEOUT_S + 60)
+    run_dir = root / "server_run"
+    run_config = f"run-dir='{run_dir}' config='{CONFIG}' server-kit='{kits.server_dir}'"
+    submit = subprocess.run(["flwr", "run", str(REPO), "local", "--run-config", run_config],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    record = {}
+    while time.monotonic() < deadline:
+        path = run_dir / "run_record.json"
+        record = json.loads(path.read_text()) if path.exists() else {}
+        if record.get("status") in ("completed", "failed"):
+            break
+        time.sleep(2)
+    logs = {n: link["group"].log(n)[-2000:] for n in ["superlink", *[f"supernode_{c}" for c in CLIENTS]]}
+    assert record.get("status") == "completed", json.dumps({"record": record, "logs": logs}, indent=1)
+    return run_dir, root
+
+
+def test_mor_job_completes_over_tls_with_ckks(job):
+    run_dir, root = job
+    record = json.loads((run_dir / "run_record.json").read_text())
+    assert record["phases_completed"] == ["rm_training", "warmup", "router_fit", "grpo", "evaluation"]
+    assert record["encryption"] == "ckks" and record["mode"] == "deployment"
+    grpo = json.loads((run_dir / "metrics" / "grpo.json").read_text())
+    assert grpo["encryption"] == "ckks" and grpo["ciphertext_bytes"] > 0
+    events = (run_dir / "events.jsonl").read_text().splitlines() if (run_dir / "events.jsonl").exists() else []
+    assert not [e for e in events if json.loads(e)["kind"] in ("rejected", "decrypt_failed", "no_scores")], events
+
+
+def test_server_process_held_no_private_ckks_context(job):
+    run_dir, _ = job
+    audit = json.loads((run_dir / "key_audit.json").read_text())
+    assert audit["during_grpo"] == {"private": 0, "public": audit["during_grpo"]["public"]}
+    assert audit["during_grpo"]["public"] >= 1, "the census must see the server's public context"
+    assert audit["after_run"]["private"] == 0
+
+
+def test_each_client_ledger_verifies_on_its_own_disk(job):
+    run_dir, root = job
+    steps = load_config(CONFIG).grpo.steps
+    for name in CLIENTS:
+        folder = root / "clients" / name
+        assert verify_ledger(folder / "ledger.jsonl", load_public_key(folder / "ledger_key.pub")).ok
+        phases = [json.loads(x)["context"]["phase"] for x in (folder / "ledger.jsonl").read_text().splitlines()]
+        assert phases[0] == "rm_training" and phases.count("router_fit") == 1 and phases.count("grpo") == steps
