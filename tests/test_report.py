@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import dp_accounting as dpa
 import pytest
 from dp_accounting.pld import PLDAccountant
-from helpers.report_run import DELTA, NOISED, TRAIN, client_ledger, make_run_dir
+from helpers.report_run import CONFIG, DELTA, NOISED, TRAIN, client_ledger, make_run_dir
 
 from mor_secure.compliance.report import write_report
 from mor_secure.errors import ConfigError
@@ -38,9 +39,10 @@ def _pld(events_per_route):
 
 def test_html_is_self_contained_with_a_row_and_plot_per_client(written):
     html, _ = written
-    for name in ("hospital-a", "bank_b", "tampered", "absent"):
+    for name in ("hospital-a", "bank_b", "tampered", "absent", "clinic-c"):
         assert re.search(rf'<tr id="client-{name}">', html)
-    assert html.count("<img ") == 4 and html.count('src="data:image/png;base64,') == 4
+    n = len(CONFIG["clients"])
+    assert html.count("<img ") == n and html.count('src="data:image/png;base64,') == n
     assert all(alt for alt in re.findall(r'<img [^>]*alt="([^"]*)"', html))
     assert not re.search(r'src="(?!data:)', html) and not re.search(r'href="(?!#)', html)  # no external resources
     for target in re.findall(r'href="#([^"]+)"', html):  # in-page links land on an element
@@ -68,12 +70,77 @@ def test_json_is_versioned_and_matches_independent_pld(written):
     assert any("Poisson" in s for s in a["assumptions"]) and any("[-B, B]" in s for s in b["assumptions"])
 
 
+def independent_pld_from_ledger_file(path) -> tuple[float, float]:
+    """(DP-SGD route, output route) epsilon at DELTA, read from the ledger's raw JSON lines and
+    composed with dp-accounting's PLD accountant (interval 1e-4) alone, by DESIGN section 3: the
+    output route composes every score release (noise multiplier noise_std / (2 B sqrt(count)));
+    the DP-SGD route composes every training (Poisson-subsampled Gaussian, steps times) and the
+    releases recorded before the first training, and does not exist without a training."""
+    events = [json.loads(line)["event"] for line in path.read_text().splitlines()]
+    first = next((i for i, e in enumerate(events) if e["kind"] == "dpsgd_training"), None)
+    dpsgd, output = PLDAccountant(value_discretization_interval=1e-4), PLDAccountant(value_discretization_interval=1e-4)
+    dpsgd_inf, output_inf = first is None, False
+    for i, e in enumerate(events):
+        if e["kind"] == "dpsgd_training":
+            dpsgd.compose(dpa.PoissonSampledDpEvent(e["sample_rate"], dpa.GaussianDpEvent(e["noise_multiplier"])), e["steps"])
+            continue
+        assert e["kind"] == "gaussian_score_release", e
+        covered = first is not None and i > first
+        if e["noise_std"] == 0:
+            output_inf, dpsgd_inf = True, dpsgd_inf or not covered
+            continue
+        gauss = dpa.GaussianDpEvent(e["noise_std"] / (2 * e["clip_bound"] * math.sqrt(e["count"])))
+        output.compose(gauss)
+        if not covered:
+            dpsgd.compose(gauss)
+    return (math.inf if dpsgd_inf else dpsgd.get_epsilon(DELTA)), (math.inf if output_inf else output.get_epsilon(DELTA))
+
+
+def _as_float(value) -> float:
+    return float(value)  # the JSON spells infinity "inf"
+
+
+def test_each_clients_epsilon_recomputed_from_its_ledger_with_pld_within_one_percent(run_dir, written):
+    _, report = written
+    checked = 0
+    for c in report["clients"]:
+        path = run_dir / "clients" / c["name"] / "ledger.jsonl"
+        if not c["ledger"]["ok"]:
+            continue  # tampered or missing: covered below
+        want_dpsgd, want_output = independent_pld_from_ledger_file(path)
+        g = c["guarantee"]
+        for got, want in ((_as_float(g["route_dpsgd"]), want_dpsgd), (_as_float(g["route_output"]), want_output)):
+            assert got == want if math.isinf(want) else got == pytest.approx(want, rel=0.01), (c["name"], got, want)
+        stated = min(want_dpsgd, want_output)
+        assert _as_float(g["epsilon"]) == pytest.approx(stated, rel=0.01), c["name"]
+        assert g["route"] == ("dpsgd" if want_dpsgd <= want_output else "output")
+        assert c["remaining_epsilon"] == pytest.approx(c["budget"]["epsilon"] - _as_float(g["epsilon"]))
+        checked += 1
+    assert checked == 3
+    clinic = next(c for c in report["clients"] if c["name"] == "clinic-c")
+    assert clinic["guarantee"]["route"] == "dpsgd"  # the release before training is in the DP-SGD route
+    curve = dict((n, eps) for n, eps in clinic["curve"])
+    assert curve[5] < curve[6] and curve[6] == pytest.approx(_as_float(clinic["guarantee"]["route_dpsgd"]))
+
+
+def test_refusal_in_the_servers_event_log_shows_the_client_left_the_mixture(written):
+    html, report = written
+    clients = {c["name"]: c for c in report["clients"]}
+    assert clients["bank b"]["left_mixture"] and clients["bank b"]["refusals"][0]["phase"] == "grpo"
+    assert not clients["hospital-a"]["left_mixture"] and clients["hospital-a"]["refusals"] == []
+    assert [r["client"] for r in report["server_refusals"]] == ["bank b"]
+    row = re.search(r'<tr id="client-bank_b">.*?</tr>', html).group(0)
+    assert "left the mixture" in row
+    assert "left the mixture" not in re.search(r'<tr id="client-hospital-a">.*?</tr>', html).group(0)
+
+
 def test_tampered_ledger_is_named_and_untrusted(written):
     _, report = written
     (t,) = [c for c in report["clients"] if c["name"] == "tampered"]
     assert t["ledger"]["ok"] is False and t["ledger"]["first_bad"] == 2
     assert "hash mismatch" in t["ledger"]["reason"] and t["guarantee_valid"] is False
     assert t["guarantee"]["epsilon"] == pytest.approx(_pld([NOISED]), rel=0.01)  # verified prefix only
+    assert t["remaining_epsilon"] is None and t["within_budget"] is None  # nothing stated from an altered ledger
 
 
 def test_missing_ledger_states_no_guarantee(written):
