@@ -5,6 +5,7 @@
   mor-secure report RUN_DIR                                      write the privacy-accounting report
   mor-secure budget plan --epsilon E --delta D --records N ...   plan noise before anything runs
   mor-secure provision OUT --clients a,b,c [--hosts ...]         issue per-party kits (TLS, node auth, CKKS)
+  mor-secure audit privacy CONFIG [--out JSON]                   one-run canary audit: epsilon lower bounds
 """
 
 from __future__ import annotations
@@ -76,6 +77,18 @@ def cmd_provision(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_privacy(args: argparse.Namespace) -> int:
+    from mor_secure.audit.privacy import check_audit, load_audit_config, render_table, run_privacy_audit, write_result
+
+    cfg = load_audit_config(args.config, args.set)
+    result = run_privacy_audit(cfg, progress=not args.no_progress)
+    print(f"{render_table(result)}\nresult: {write_result(result, args.out)}")
+    problems = check_audit(result)
+    for problem in problems:
+        print(f"AUDIT FAILED: {problem}")
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mor-secure", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     prov.add_argument("--days", type=int, default=365)
     prov.add_argument("--force", action="store_true", help="replace existing kits")
     prov.set_defaults(func=cmd_provision)
+
+    audit = sub.add_parser("audit", help="privacy audits").add_subparsers(dest="audit_cmd", required=True)
+    audit_privacy = audit.add_parser("privacy", help="one-run canary audit of DP-SGD reward-model training "
+                                     "(Steinke, Nasr, Jagielski 2023): epsilon lower bounds")
+    audit_privacy.add_argument("config", help="audit YAML, e.g. configs/audit_privacy.yaml")
+    audit_privacy.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                               help="override a config value, e.g. --set canaries=200 (repeatable)")
+    audit_privacy.add_argument("--out", default="audits/privacy_audit.json", help="result JSON to write")
+    audit_privacy.add_argument("--no-progress", action="store_true", help="no progress bars")
+    audit_privacy.set_defaults(func=cmd_audit_privacy)
     return parser
 
 
