@@ -5,6 +5,8 @@
   mor-secure report RUN_DIR                                      write the privacy-accounting report
   mor-secure budget plan --epsilon E --delta D --records N ...   plan noise before anything runs
   mor-secure provision OUT --clients a,b,c [--hosts ...]         issue per-party kits (TLS, node auth, CKKS)
+  mor-secure client init CONFIG --name N --out DIR [--kit KIT]   prepare a SuperNode's own client folder
+  mor-secure bench ckks [--clients 3,16] [--steps S]             CKKS aggregation cost per GRPO step
   mor-secure audit privacy CONFIG [--out JSON]                   one-run canary audit: epsilon lower bounds
 """
 
@@ -89,6 +91,33 @@ def cmd_audit_privacy(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_client_init(args: argparse.Namespace) -> int:
+    from mor_secure.config import load_config
+    from mor_secure.deploy.client_init import init_client_folder
+
+    folder = init_client_folder(load_config(args.config, args.set), args.name, Path(args.out),
+                                Path(args.kit) if args.kit else None)
+    node_config = f'client-dir="{folder}"' + (f' kit-dir="{Path(args.kit).resolve()}"' if args.kit else "")
+    print(f"client folder: {folder}\nSuperNode node config: --node-config '{node_config}'")
+    return 0
+
+
+def cmd_bench_ckks(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from mor_secure.deploy.bench import bench_ckks, render
+
+    counts = tuple(int(c) for c in args.clients.split(",") if c)
+    rows = bench_ckks(counts, steps=args.steps, repeats=args.repeats, prompts_per_step=args.prompts_per_step,
+                      num_generations=args.num_generations)
+    command = "mor-secure bench ckks " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "ckks"] else [])
+    text = render(rows, command.strip(), dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mor-secure", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,6 +161,25 @@ def build_parser() -> argparse.ArgumentParser:
     prov.add_argument("--days", type=int, default=365)
     prov.add_argument("--force", action="store_true", help="replace existing kits")
     prov.set_defaults(func=cmd_provision)
+
+    client = sub.add_parser("client", help="client-side tools").add_subparsers(dest="client_cmd", required=True)
+    init = client.add_parser("init", help="prepare this client's own folder for a SuperNode (deployment)")
+    init.add_argument("config", help="the consortium's YAML config (the same file as the server's)")
+    init.add_argument("--name", required=True, help="this client's name in the config")
+    init.add_argument("--out", required=True, help="the folder to create (the SuperNode's client-dir)")
+    init.add_argument("--kit", help="this client's kit from `mor-secure provision` (its ledger key is used)")
+    init.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    init.set_defaults(func=cmd_client_init)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
+    bench_ckks = bench.add_parser("ckks", help="time per GRPO step and bytes per step, with and without CKKS")
+    bench_ckks.add_argument("--clients", default="3,16", help="comma-separated client counts")
+    bench_ckks.add_argument("--steps", type=int, default=3, help="GRPO steps per run")
+    bench_ckks.add_argument("--prompts-per-step", type=int, default=16, help="prompts per GRPO step (demo: 16)")
+    bench_ckks.add_argument("--num-generations", type=int, default=8, help="samples per prompt (demo: 8)")
+    bench_ckks.add_argument("--repeats", type=int, default=2, help="runs per mode (medians are reported)")
+    bench_ckks.add_argument("--out", help="also write the Markdown table to this file")
+    bench_ckks.set_defaults(func=cmd_bench_ckks)
 
     audit = sub.add_parser("audit", help="privacy audits").add_subparsers(dest="audit_cmd", required=True)
     audit_privacy = audit.add_parser("privacy", help="one-run canary audit of DP-SGD reward-model training "

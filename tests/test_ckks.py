@@ -32,11 +32,17 @@ def _softmax_weights(rng: np.random.Generator, k: int, n: int) -> list[np.ndarra
     n=st.integers(1, 256),
     with_bias=st.booleans(),
     with_scale=st.booleans(),
+    with_mask=st.booleans(),
 )
-def test_decrypted_mixture_matches_plaintext(seed, k, n, with_bias, with_scale):
+def test_decrypted_mixture_matches_plaintext(seed, k, n, with_bias, with_scale, with_mask):
     rng = np.random.default_rng(seed)
     scores = [rng.uniform(-4.0, 4.0, size=n) for _ in range(k)]
     weights = _softmax_weights(rng, k, n)
+    if with_mask:  # absent clients (refused, dropped, rejected): zero weight, the rest renormalised
+        keep = rng.random(k) < 0.6
+        keep[rng.integers(k)] = True
+        total = sum(w for w, m in zip(weights, keep) if m)
+        weights = [w / total if m else np.zeros(n) for w, m in zip(weights, keep)]
     if with_scale:  # router weight folded with a per-client affine scale a_k
         weights = [w * rng.uniform(0.25, 3.0) for w in weights]
     bias = rng.uniform(-2.0, 2.0, size=n) if with_bias else None

@@ -148,6 +148,7 @@ class Channel:
             raise CryptoError("the server's CKKS context must be public-only (server kit ckks_public.bin); "
                               "re-run `mor-secure provision` and give the server its server kit")
         self.ckks_public = public_ctx
+        self.audit_keys()
 
     def mixture(self, images: list[Image.Image], questions: list[str], responses: list[str],
                 image_index: np.ndarray, weights_fn: WeightsFn, *, phase: str,
@@ -180,18 +181,17 @@ class Channel:
         self.ciphertext_bytes += sum(len(cts[x]) for x in names) + len(aggregate)
         limit = sum(np.abs(weights[:, c]) * self._limit(x) for x, c in zip(names, cols)) + 1e-3
         reward = self._decrypt(aggregate, n, limit, names, phase)
-        if self.decryptions == 1:
-            self.audit_keys(phase)
         if reward is None:
             return np.zeros(n), np.zeros((n, k), dtype=bool)
         return reward, present
 
-    def audit_keys(self, phase: str) -> None:
-        """Record in ``key_audit.json`` the TenSEAL contexts this (server) process holds now,
-        while encrypted mixing is live (see ``ckks.context_census``)."""
+    def audit_keys(self) -> None:
+        """Record in ``key_audit.json`` the TenSEAL contexts this (server) process holds now that
+        encrypted mixing is on (see ``ckks.context_census``; a walk of every live object, so it
+        runs once, here, not per step)."""
         path = self.events_path.parent / "key_audit.json"
         audit = json.loads(path.read_text()) if path.exists() else {"process": "server"}
-        audit[f"during_{phase}"] = ckks.context_census()
+        audit["encrypted_mixing_on"] = ckks.context_census()
         path.write_text(json.dumps(audit, indent=2))
 
     def _limit(self, name: str) -> float:

@@ -8,7 +8,7 @@ With ``federation.encryption: ckks`` the server needs its kit's PUBLIC CKKS cont
   provisioner and issues kits into ``<run>/kits`` (server kit + one client kit each).
 
 ``key_audit.json`` counts the TenSEAL contexts the server process holds, private and public:
-while encrypted mixing is live (``during_grpo``, written by the channel) and after the run
+when encrypted mixing starts (``encrypted_mixing_on``, written by the channel) and after the run
 (``after_run``, completed or failed). A private count above 0 would mean the server held a
 secret key; tests assert it is 0.
 """
