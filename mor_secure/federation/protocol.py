@@ -5,12 +5,13 @@ Server -> client
   ``query.score``  phases 2-3 and evaluation: score these responses. Content: the public
                    prompts' images (uint8, (M, H, W, 3)), their questions (M), the responses (N)
                    and, for each response, the index of its prompt (N). Nothing private.
-  ``query.decrypt`` CKKS only: decrypt this aggregate of N slots (``cfg.ciphertext``).
+  ``query.decrypt`` CKKS only: decrypt this aggregate of ``cfg.length`` slots (``data.ciphertext``).
 Client -> server
   ``train`` reply  the client's name, its RM's model class and its declared clip bound.
   ``query.score``  reply: the clipped, noised scores (float32, (N,)) -- or, with CKKS on
                    (``cfg.encrypt``), one packed CKKS ciphertext of them (``out.ciphertext``,
-                   bytes) and no plaintext -- recorded in the client's ledger before sending.
+                   its bytes as a uint8 array) and no plaintext -- recorded in the client's
+                   ledger before sending.
   ``query.decrypt`` reply (decryptor client only): the decrypted router-weighted aggregate
                    (float64, (N,)). The request carries the aggregate ciphertext the server
                    formed with its public context, never one client's ciphertext by design.
@@ -183,9 +184,26 @@ def error_reply(msg: Message, code: int, reason: str) -> Message:
 
 
 # -- CKKS (DESIGN.md §4) --------------------------------------------------------------------------
+def _bytes_array(data: bytes) -> Array:
+    """Ciphertext bytes as a uint8 Array: Flower moves Arrays in chunks ~10x faster than bytes
+    inside a ConfigRecord (measured: 1.6 vs 20 ms per 330 KB message)."""
+    return Array(np.frombuffer(bytes(data), dtype=np.uint8))
+
+
+def _array_bytes(content: RecordDict, record: str, key: str, max_bytes: int) -> bytes:
+    arr = _field(content, record, key)
+    if not isinstance(arr, Array):
+        raise ProtocolError(f"{record}.{key} must be an array of bytes")
+    if arr.dtype != "uint8":
+        raise ProtocolError(f"{record}.{key} must be uint8; found {arr.dtype}")
+    if len(arr.shape) != 1 or not 0 < arr.shape[0] <= max_bytes:
+        raise ProtocolError(f"{record}.{key} must hold 1..{max_bytes} bytes; found shape {arr.shape}")
+    return arr.numpy().tobytes()
+
+
 def encode_encrypted_scores(client: str, ciphertext: bytes) -> RecordDict:
     """The reply to an encrypted ``query.score``: one ciphertext, no plaintext scores."""
-    return RecordDict({"out": ConfigRecord({"ciphertext": bytes(ciphertext)}),
+    return RecordDict({"out": ArrayRecord({"ciphertext": _bytes_array(ciphertext)}),
                        "meta": ConfigRecord({"client": client})})
 
 
@@ -197,17 +215,12 @@ def decode_encrypted_scores(content: RecordDict, *, max_bytes: int) -> bytes:
         raise ProtocolError("message is missing out.ciphertext")
     if "scores" in out:
         raise ProtocolError("out.scores is plaintext but CKKS was requested; the reply is discarded unread")
-    data = _field(content, "out", "ciphertext")
-    if not isinstance(data, bytes) or not data:
-        raise ProtocolError("out.ciphertext must be non-empty bytes")
-    if len(data) > max_bytes:
-        raise ProtocolError(f"out.ciphertext has {len(data)} bytes; at most {max_bytes}")
-    return data
+    return _array_bytes(content, "out", "ciphertext", max_bytes)
 
 
 def encode_decrypt_request(run_id: str, phase: str, ciphertext: bytes, length: int) -> RecordDict:
-    return RecordDict({"cfg": ConfigRecord({"run_id": run_id, "phase": phase, "ciphertext": bytes(ciphertext),
-                                            "length": int(length)})})
+    return RecordDict({"data": ArrayRecord({"ciphertext": _bytes_array(ciphertext)}),
+                       "cfg": ConfigRecord({"run_id": run_id, "phase": phase, "length": int(length)})})
 
 
 @dataclass(frozen=True)
@@ -218,17 +231,14 @@ class DecryptRequest:
     length: int
 
 
-def decode_decrypt_request(content: RecordDict) -> DecryptRequest:
-    run_id, phase = _field(content, "cfg", "run_id"), _field(content, "cfg", "phase")
-    data, length = _field(content, "cfg", "ciphertext"), _field(content, "cfg", "length")
+def decode_decrypt_request(content: RecordDict, *, max_bytes: int = 16 * 2**20) -> DecryptRequest:
+    run_id, phase, length = (_field(content, "cfg", k) for k in ("run_id", "phase", "length"))
     for key, value in (("run_id", run_id), ("phase", phase)):
         if not isinstance(value, str) or not value:
             raise ProtocolError(f"cfg.{key} must be a non-empty string")
-    if not isinstance(data, bytes) or not data:
-        raise ProtocolError("cfg.ciphertext must be non-empty bytes")
     if isinstance(length, bool) or not isinstance(length, int) or not 1 <= length <= MAX_ITEMS:
         raise ProtocolError(f"cfg.length must be an integer in 1..{MAX_ITEMS}; found {length!r}")
-    return DecryptRequest(run_id, phase, data, length)
+    return DecryptRequest(run_id, phase, _array_bytes(content, "data", "ciphertext", max_bytes), length)
 
 
 def encode_aggregate(client: str, values: np.ndarray) -> RecordDict:
