@@ -46,7 +46,15 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
     if result.ok:
         print(f"OK: {ledger} verifies ({result.entries} entries, chain and signatures intact)")
         return 0
-    print(f"FAILED: {ledger}: entry {result.first_bad}: {result.reason}")
+    if result.first_bad is None:
+        print(f"FAILED: {ledger}: {result.reason}")
+        return 1
+    reason = result.reason.split(": ", 1)[1]  # drop the "line N: " prefix
+    print(f"FAILED: {ledger}: entry {result.first_bad} (line {result.first_bad}) is the first bad entry: {reason}. "
+          f"Entries before it verify: {result.entries}.")
+    if result.torn_tail:
+        print("It is an unfinished final write (a crash mid-append): it was never committed, so nothing was "
+              "released under it; the client moves it aside the next time it opens the ledger.")
     return 1
 
 

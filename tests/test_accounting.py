@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import math
 
-import dp_accounting as dpa
 import pytest
-from dp_accounting.pld import PLDAccountant
+from helpers.independent import pld_routes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
@@ -19,7 +18,7 @@ from mor_secure.privacy.accounting import (
     epsilon_output,
     phase_epsilon,
 )
-from mor_secure.privacy.events import DpSgdTraining, GaussianScoreRelease
+from mor_secure.privacy.events import DpSgdTraining, GaussianScoreRelease, event_to_dict
 
 DELTA = 1e-5
 
@@ -33,41 +32,40 @@ def release(z=10.0, count=4, bound=1.0):
     return GaussianScoreRelease(noise_std=z * 2 * bound * math.sqrt(count), clip_bound=bound, count=count)
 
 
-def independent_pld(events) -> tuple[float, float]:
-    """(DP-SGD route, output route) composed event by event with dp-accounting's PLD at 1e-4."""
-    first = next((i for i, e in enumerate(events) if isinstance(e, DpSgdTraining)), None)
-    dpsgd, output = PLDAccountant(value_discretization_interval=1e-4), PLDAccountant(value_discretization_interval=1e-4)
-    for i, e in enumerate(events):
-        if isinstance(e, DpSgdTraining):
-            dpsgd.compose(dpa.PoissonSampledDpEvent(e.sample_rate, dpa.GaussianDpEvent(e.noise_multiplier)), e.steps)
-        else:
-            gauss = dpa.GaussianDpEvent(e.noise_std / (2 * e.clip_bound * math.sqrt(e.count)))
-            output.compose(gauss)
-            if first is not None and i < first:
-                dpsgd.compose(gauss)
-    return (dpsgd.get_epsilon(DELTA) if first is not None else math.inf), output.get_epsilon(DELTA)
-
-
 trainings = st.builds(train, z=st.floats(0.8, 3.0), q=st.floats(0.005, 0.1), steps=st.integers(10, 400))
 releases = st.builds(release, z=st.floats(2.0, 60.0), count=st.integers(1, 16), bound=st.floats(0.5, 5.0))
-event_lists = st.lists(st.one_of(trainings, releases, releases), min_size=1, max_size=5)
+noiseless = st.builds(GaussianScoreRelease, noise_std=st.just(0.0), clip_bound=st.floats(0.5, 5.0), count=st.integers(1, 16))
+event_lists = st.lists(st.one_of(trainings, releases, releases, noiseless), min_size=1, max_size=6)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(events=event_lists)
 def test_guarantee_matches_independent_pld_within_one_percent(events):
     g = client_guarantee(events, DELTA, accountants=())
-    want_dpsgd, want_output = independent_pld(events)
+    want_dpsgd, want_output = pld_routes(map(event_to_dict, events), DELTA)
     for got, want in ((g.route_dpsgd, want_dpsgd), (g.route_output, want_output)):
         assert got == want if math.isinf(want) else got == pytest.approx(want, rel=0.01, abs=1e-6)
     assert g.epsilon == min(g.route_dpsgd, g.route_output)
 
 
-@settings(max_examples=12, deadline=None)
-@given(events=event_lists)
-def test_epsilon_never_decreases_as_events_are_added(events):
-    curve = [eps for _, eps in epsilon_curve(events, DELTA)]
-    assert len(curve) == len(events)
+@settings(max_examples=15, deadline=None)
+@given(events=event_lists, more=st.lists(st.one_of(trainings, releases, noiseless), min_size=1, max_size=2))
+def test_epsilon_never_decreases_as_events_are_added(events, more):
+    """Every prefix of a ledger states at most the epsilon of any longer prefix, for every accountant
+    the report shows (the guarantee, both routes) and for the curve the report plots."""
+    full = events + more
+    previous = None
+    for k in range(1, len(full) + 1):
+        g = client_guarantee(full[:k], DELTA, accountants=("dpa_rdp",))
+        now = (g.epsilon, g.route_output, g.by_accountant["output"]["dpa_rdp"], g.route_dpsgd, g.by_accountant["dpsgd"]["dpa_rdp"])
+        if previous is not None:
+            assert all(b >= a * (1 - 1e-9) for a, b in zip(previous[:3], now[:3])), (k, previous, now)
+            # the DP-SGD route only exists from the first training on (inf before); then it never decreases
+            if math.isfinite(previous[3]):
+                assert all(b >= a * (1 - 1e-9) for a, b in zip(previous[3:], now[3:])), (k, previous, now)
+        previous = now
+    curve = [eps for _, eps in epsilon_curve(full, DELTA)]
+    assert len(curve) == len(full) and curve[-1] == previous[0]
     assert all(b >= a * (1 - 1e-9) for a, b in zip(curve, curve[1:])), curve
 
 

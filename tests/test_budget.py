@@ -6,13 +6,14 @@ import math
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from helpers.independent import pld_routes
 from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from mor_secure.errors import BudgetExceededError, ConfigError
 from mor_secure.privacy.accounting import client_guarantee, epsilon_output
 from mor_secure.privacy.budget import Budget, BudgetGuard, remaining
-from mor_secure.privacy.events import DpSgdTraining, GaussianScoreRelease
+from mor_secure.privacy.events import DpSgdTraining, GaussianScoreRelease, event_to_dict
 from mor_secure.privacy.ledger import Ledger, generate_signing_key
 from mor_secure.privacy.planner import plan_budget
 
@@ -122,21 +123,44 @@ def test_caps_do_not_bind_releases_the_dpsgd_route_covers(ledger):
     assert len(ledger) == 4
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(zs=st.lists(st.floats(1.0, 30.0), min_size=1, max_size=4), eps=st.floats(0.3, 3.0))
-def test_authorize_accepts_exactly_what_fits(tmp_path_factory, zs, eps):
+def _train(z: float, q: float, steps: int) -> DpSgdTraining:
+    return DpSgdTraining(noise_multiplier=z, sample_rate=q, steps=steps, max_grad_norm=1.0, num_records=int(1 / q))
+
+
+_steps = st.one_of(
+    st.builds(noised, st.floats(1.0, 30.0)),
+    st.builds(_train, st.floats(0.7, 3.0), st.floats(0.005, 0.1), st.integers(10, 500)),
+    st.just(NO_NOISE),
+)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(requests=st.lists(_steps, min_size=1, max_size=6), eps=st.floats(0.3, 4.0))
+def test_authorize_accepts_exactly_what_fits(tmp_path_factory, requests, eps):
+    """Each request is allowed iff the ledger plus it stays within the budget by an independent
+    dp-accounting PLD computation (and a training's own DP-SGD route fits: it could cover nothing
+    otherwise); a refused one leaves the ledger byte for byte as it was."""
     d = tmp_path_factory.mktemp("l")
     guard = BudgetGuard(Ledger(d / "ledger.jsonl", signing_key=generate_signing_key(d / "k.pem")), Budget(epsilon=eps, delta=DELTA))
-    accepted = []
-    for z in zs:
-        fits = client_guarantee([*accepted, noised(z)], DELTA, accountants=()).epsilon <= eps
+    accepted, decided = [], 0
+    for event in requests:
+        dpsgd, output = pld_routes(map(event_to_dict, [*accepted, event]), DELTA)
+        needed = dpsgd if isinstance(event, DpSgdTraining) else min(dpsgd, output)
+        before = guard.ledger.path.read_bytes() if guard.ledger.path.exists() else b""
         try:
-            guard.authorize(noised(z), ctx())
-            accepted.append(noised(z))
-            assert fits
-        except BudgetExceededError:
-            assert not fits
+            guard.authorize(event, ctx())
+            allowed = True
+        except BudgetExceededError as exc:
+            allowed = False
+            assert exc.requested_epsilon > exc.budget
+            assert (guard.ledger.path.read_bytes() if guard.ledger.path.exists() else b"") == before
+        if not math.isclose(needed, eps, rel_tol=0.01):  # the two PLD computations agree within 1%
+            assert allowed == (needed <= eps), (event, needed, eps, accepted)
+            decided += 1
+        if allowed:
+            accepted.append(event)
     assert [e for e, _ in guard.ledger.events()] == accepted
+    assert guard.remaining() == pytest.approx(max(0.0, eps - min(pld_routes(map(event_to_dict, accepted), DELTA))), rel=0.01, abs=1e-3)
 
 
 def test_plan_dpsgd_meets_target_per_opacus_and_guard_accepts_it(ledger):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -12,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mor_secure import cli
 from mor_secure.errors import CryptoError, LedgerError
 from mor_secure.privacy import ledger as ledger_mod
 from mor_secure.privacy.events import DpSgdTraining, GaussianScoreRelease
@@ -137,11 +141,18 @@ def test_removed_or_swapped_lines_are_named(tmp_path, key):
 
 
 @pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
+def pristine_files(tmp_path_factory):
+    """A 4-entry ledger (a training, three releases) and its key pair, in one folder; and its bytes."""
     tmp = tmp_path_factory.mktemp("pristine")
     key = generate_signing_key(tmp / "k.pem")
     _filled(tmp / "ledger.jsonl", key, n=4)
-    return (tmp / "ledger.jsonl").read_bytes(), key.public_key()
+    return tmp, (tmp / "ledger.jsonl").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def pristine(pristine_files):
+    folder, raw = pristine_files
+    return raw, load_public_key(folder / "k.pub")
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -215,3 +226,39 @@ def test_tail_holding_a_complete_but_altered_entry_is_not_torn(tmp_path, key):
     assert "hash mismatch" in result.reason
     with pytest.raises(LedgerError, match="line 2"):
         Ledger(path, signing_key=key)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_cli_verify_fails_on_any_changed_byte_and_names_the_entry(pristine_files, data):
+    """``mor-secure ledger verify`` (the command a compliance officer runs) on a copy with one byte changed."""
+    folder, raw = pristine_files
+    pos = data.draw(st.integers(0, len(raw) - 1), label="position")
+    new = data.draw(st.integers(0, 255).filter(lambda b: b != raw[pos]), label="byte")
+    line = raw[:pos].count(b"\n") + 1
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "ledger.jsonl"
+        path.write_bytes(raw[:pos] + bytes([new]) + raw[pos + 1 :])
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = cli.main(["ledger", "verify", str(path), "--key", str(folder / "k.pub")])
+    assert code == 1
+    assert re.search(rf"^FAILED: .*: entry {line} \(line {line}\) is the first bad entry: .*Entries before it verify: {line - 1}\.$",
+                     out.getvalue(), re.M), out.getvalue()
+
+
+def test_cli_verify_passes_an_intact_ledger_and_fails_a_foreign_key_or_a_missing_file(pristine_files, tmp_path):
+    folder, _ = pristine_files
+    assert not verify_ledger(tmp_path / "nothing.jsonl", load_public_key(folder / "k.pub")).ok
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert cli.main(["ledger", "verify", str(tmp_path / "nothing.jsonl"), "--key", str(folder / "k.pub")]) == 1
+    assert "ledger file missing" in out.getvalue()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["ledger", "verify", str(folder / "ledger.jsonl"), "--key", str(folder / "k.pub")]) == 0
+    assert out.getvalue().startswith("OK: ") and "(4 entries" in out.getvalue()
+    generate_signing_key(tmp_path / "other.pem")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["ledger", "verify", str(folder / "ledger.jsonl"), "--key", str(tmp_path / "other.pub")]) == 1
+    assert "entry 1 (line 1) is the first bad entry: bad signature" in out.getvalue()

@@ -9,6 +9,7 @@ import re
 import dp_accounting as dpa
 import pytest
 from dp_accounting.pld import PLDAccountant
+from helpers.independent import pld_routes
 from helpers.report_run import CONFIG, DELTA, NOISED, TRAIN, client_ledger, make_run_dir
 
 from mor_secure.compliance.report import write_report
@@ -71,29 +72,8 @@ def test_json_is_versioned_and_matches_independent_pld(written):
 
 
 def independent_pld_from_ledger_file(path) -> tuple[float, float]:
-    """(DP-SGD route, output route) epsilon at DELTA, read from the ledger's raw JSON lines and
-    composed with dp-accounting's PLD accountant (interval 1e-4) alone, by DESIGN section 3: the
-    output route composes every score release (noise multiplier noise_std / (2 B sqrt(count)));
-    the DP-SGD route composes every training (Poisson-subsampled Gaussian, steps times) and the
-    releases recorded before the first training, and does not exist without a training."""
-    events = [json.loads(line)["event"] for line in path.read_text().splitlines()]
-    first = next((i for i, e in enumerate(events) if e["kind"] == "dpsgd_training"), None)
-    dpsgd, output = PLDAccountant(value_discretization_interval=1e-4), PLDAccountant(value_discretization_interval=1e-4)
-    dpsgd_inf, output_inf = first is None, False
-    for i, e in enumerate(events):
-        if e["kind"] == "dpsgd_training":
-            dpsgd.compose(dpa.PoissonSampledDpEvent(e["sample_rate"], dpa.GaussianDpEvent(e["noise_multiplier"])), e["steps"])
-            continue
-        assert e["kind"] == "gaussian_score_release", e
-        covered = first is not None and i > first
-        if e["noise_std"] == 0:
-            output_inf, dpsgd_inf = True, dpsgd_inf or not covered
-            continue
-        gauss = dpa.GaussianDpEvent(e["noise_std"] / (2 * e["clip_bound"] * math.sqrt(e["count"])))
-        output.compose(gauss)
-        if not covered:
-            dpsgd.compose(gauss)
-    return (math.inf if dpsgd_inf else dpsgd.get_epsilon(DELTA)), (math.inf if output_inf else output.get_epsilon(DELTA))
+    """(DP-SGD route, output route) from the ledger's raw JSON lines, without mor_secure's code."""
+    return pld_routes([json.loads(line)["event"] for line in path.read_text().splitlines()], DELTA)
 
 
 def _as_float(value) -> float:

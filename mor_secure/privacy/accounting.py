@@ -27,8 +27,10 @@ Routes (DESIGN section 3). The *DP-SGD route* covers every release made after th
 ``DpSgdTraining`` entry as post-processing of DP-trained models; it composes all trainings plus
 any release recorded *before* the first training (not covered by it), and is infinite when no
 training is recorded. The *output route* composes all score releases. The stated guarantee is
-the smaller route under the primary accountant; both routes are monotone in added events, so
-the guarantee never decreases. Training itself releases nothing: until the first score release
+the smaller route under the primary accountant. The output route never decreases as events are
+added; the DP-SGD route never decreases once it exists (it is infinite before the first training,
+and from then on it already includes every earlier release, so it is at least the output route
+of that moment). Hence the guarantee never decreases. Training itself releases nothing: until the first score release
 the guarantee is 0, and from then on the DP-SGD route caps it. Composition is commutative, so
 equal events are grouped by their parameters before composing (bookkeeping, not math).
 Nothing is cached across calls.

@@ -207,7 +207,10 @@ def _scan(path: Path, public_key: Ed25519PublicKey | None) -> _Scan:
 
 
 def verify_ledger(path: Path, public_key: Ed25519PublicKey) -> VerifyResult:
-    """Check every entry's JSON, seq, chain, hash and signature; name the first bad line."""
+    """Check every entry's JSON, seq, chain, hash and signature; name the first bad line.
+    A missing file fails (``first_bad`` is ``None``): there is nothing to vouch for."""
+    if not Path(path).is_file():
+        return VerifyResult(False, 0, None, f"ledger file missing: {path}")
     return _scan(path, public_key).result
 
 
