@@ -8,7 +8,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_bench_runs_both_modes_and_renders_a_table():
-    (row,) = bench_ckks(counts=(1,), steps=1, repeats=1, prompts_per_step=1, num_generations=2)
+    (row,) = bench_ckks(counts=(1,), steps=2, repeats=1, prompts_per_step=1, num_generations=2)
     assert row["clients"] == 1 and row["responses_per_step"] == 2
     for mode in ("plain", "ckks"):
         assert row[mode]["step_s"] > 0 and row[mode]["reward_s"] > 0

@@ -162,7 +162,12 @@ def encrypt_scores(ctx: ts.Context, scores: np.ndarray) -> bytes:
 
 
 def _load_vector(ctx: ts.Context, data: object, length: int, who: str) -> ts.CKKSVector:
-    """Deserialize one ciphertext of ``length`` slots under ``ctx``; ProtocolError naming ``who``."""
+    """Deserialize one ciphertext of ``length`` slots under ``ctx`` (an already loaded vector is
+    only size-checked); ProtocolError naming ``who``."""
+    if isinstance(data, ts.CKKSVector):
+        if data.size() != length:
+            raise ProtocolError(f"{who}: ciphertext holds {data.size()} slots, expected {length}")
+        return data
     if not isinstance(data, (bytes, bytearray)):
         raise ProtocolError(f"{who}: ciphertext is {type(data).__name__}, not bytes")
     if not data or len(data) > MAX_CIPHERTEXT_BYTES:
@@ -176,24 +181,26 @@ def _load_vector(ctx: ts.Context, data: object, length: int, who: str) -> ts.CKK
     return vec
 
 
-def check_ciphertext(public_ctx: ts.Context, data: object, length: int, who: str = "client") -> None:
-    """Server side: ProtocolError unless ``data`` is a ciphertext of ``length`` slots that loads
-    under ``public_ctx`` (size-bounded before parsing). Lets the server exclude one bad client
-    before aggregating the rest. A ciphertext under a foreign key of the same parameters
-    passes (see the module's known limits)."""
-    _load_vector(public_ctx, data, length, who)
+def check_ciphertext(public_ctx: ts.Context, data: object, length: int, who: str = "client") -> ts.CKKSVector:
+    """Server side: the loaded ciphertext, or ProtocolError unless ``data`` is a ciphertext of
+    ``length`` slots that loads under ``public_ctx`` (size-bounded before parsing). Lets the
+    server exclude one bad client before aggregating the rest; pass the returned vector to
+    :func:`weighted_sum` to parse it only once. A ciphertext under a foreign key of the same
+    parameters passes (see the module's known limits)."""
+    return _load_vector(public_ctx, data, length, who)
 
 
 def weighted_sum(
     public_ctx: ts.Context,
-    ciphertexts: Sequence[bytes],
+    ciphertexts: Sequence[bytes | ts.CKKSVector],
     weights: Sequence[np.ndarray],
     bias: np.ndarray | None = None,
 ) -> bytes:
     """Server side: ``Σ_k weights[k] ⊙ Enc(s_k) (+ bias)`` slot-wise, returned serialized.
 
     ``public_ctx`` must not hold the secret key (CryptoError otherwise): the server never
-    holds it. Every ciphertext must encrypt a vector of ``len(weights[k])`` slots, the same
+    holds it. Ciphertexts are serialized bytes or vectors from :func:`check_ciphertext`.
+    Every ciphertext must encrypt a vector of ``len(weights[k])`` slots, the same
     length for all k; a malformed one raises ProtocolError naming its client index ``k``
     (0-based position in ``ciphertexts``). Clients whose weight vector is all zero (masked)
     are validated but left out of the sum.

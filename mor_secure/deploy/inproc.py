@@ -20,6 +20,16 @@ from flwr.supercore.task_identity import TaskIdentity
 SERVER_NODE_ID = 1
 
 
+def ensure_task_identity(run_id: int = 1) -> None:
+    """Outside a Flower runtime, give this process the server's task identity (Flower stamps
+    it into every new ``Message``); a value already set by a runtime is kept."""
+    for attr, value in (("task_id", 1), ("run_id", run_id), ("node_id", SERVER_NODE_ID)):
+        try:
+            getattr(TaskIdentity, attr)
+        except RuntimeError:
+            setattr(TaskIdentity, attr, value)
+
+
 def wire_copy(msg: Message) -> tuple[Message, int]:
     """A copy of ``msg`` rebuilt from its wire objects, and the number of bytes they hold."""
     contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(msg).items()}
@@ -45,11 +55,7 @@ class InProcessGrid:
     keep_replies: bool = False
 
     def __post_init__(self) -> None:
-        for attr, value in (("task_id", 1), ("run_id", self.run_id), ("node_id", SERVER_NODE_ID)):
-            try:
-                getattr(TaskIdentity, attr)
-            except RuntimeError:
-                setattr(TaskIdentity, attr, value)
+        ensure_task_identity(self.run_id)
         self._contexts = {n: Context(run_id=self.run_id, node_id=n, node_config=dict(cfg), state=RecordDict(),
                                      run_config={}) for n, cfg in self.node_configs.items()}
 

@@ -177,8 +177,8 @@ class Channel:
         weights = np.asarray(weights_fn(present), dtype=np.float64)  # (N, K)
         names = [x for x in self.order if x in cts]
         cols = [self.order.index(x) for x in names]
-        aggregate = ckks.weighted_sum(self.ckks_public, [cts[x] for x in names], [weights[:, c] for c in cols])
-        self.ciphertext_bytes += sum(len(cts[x]) for x in names) + len(aggregate)
+        aggregate = ckks.weighted_sum(self.ckks_public, [cts[x][0] for x in names], [weights[:, c] for c in cols])
+        self.ciphertext_bytes += sum(cts[x][1] for x in names) + len(aggregate)
         limit = sum(np.abs(weights[:, c]) * self._limit(x) for x, c in zip(names, cols)) + 1e-3
         reward = self._decrypt(aggregate, n, limit, names, phase)
         if reward is None:
@@ -198,14 +198,15 @@ class Channel:
         info = self.clients[name].hello
         return P.score_limit(info.clip_bound, info.noise_std)
 
-    def _ciphertexts(self, contents: dict[str, RecordDict], n: int, phase: str) -> dict[str, bytes]:
-        """The well-formed ciphertexts of ``n`` slots, by client; the others are noted and dropped."""
+    def _ciphertexts(self, contents: dict[str, RecordDict], n: int,
+                     phase: str) -> dict[str, tuple[ts.CKKSVector, int]]:
+        """The well-formed ciphertexts of ``n`` slots (loaded, with their size in bytes), by client;
+        the others are noted and dropped."""
         good = {}
         for name, content in contents.items():
             try:
                 data = P.decode_encrypted_scores(content, max_bytes=ckks.MAX_CIPHERTEXT_BYTES)
-                ckks.check_ciphertext(self.ckks_public, data, n, who=f"client {name}")
-                good[name] = data
+                good[name] = (ckks.check_ciphertext(self.ckks_public, data, n, who=f"client {name}"), len(data))
             except ProtocolError as exc:
                 self.note("rejected", client=name, phase=phase, reason=str(exc))
         return good
