@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -67,12 +68,21 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_budget_plan(args: argparse.Namespace) -> int:
+    from mor_secure.compliance.report import _jsonable
+    from mor_secure.errors import ConfigError
     from mor_secure.privacy.planner import plan_budget
 
+    phases = {}
+    for item in args.phase_releases:
+        name, _, count = item.partition("=")
+        if not name or not count.strip().isdigit():
+            raise ConfigError(f"--phase-releases takes PHASE=COUNT, e.g. grpo=200. Found {item!r}.")
+        phases[name] = int(count)
     plan = plan_budget(target_epsilon=args.epsilon, delta=args.delta, num_records=args.records,
                        epochs=args.epochs, batch_size=args.batch_size, score_releases=args.score_releases,
-                       score_count=args.score_count, clip_bound=args.clip_bound)
-    print(plan.render())
+                       score_count=args.score_count, clip_bound=args.clip_bound,
+                       opacus_accountant=args.accountant, phase_releases=phases)
+    print(json.dumps(_jsonable(plan.to_dict()), indent=2) if args.json else plan.render())
     return 0
 
 
@@ -160,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--score-releases", type=int, default=0, help="planned score vectors (output route)")
     plan.add_argument("--score-count", type=int, default=0, help="scores per released vector")
     plan.add_argument("--clip-bound", type=float, default=None)
+    plan.add_argument("--phase-releases", action="append", default=[], metavar="PHASE=COUNT",
+                      help="score vectors a phase releases, in run order (repeat), e.g. --phase-releases "
+                           "router_fit=1 --phase-releases grpo=200; replaces --score-releases and shows "
+                           "the epsilon each phase would spend")
+    plan.add_argument("--accountant", choices=["rdp", "prv"], default="rdp",
+                      help="Opacus accountant that calibrates the DP-SGD noise (default rdp, as `mor-secure run` "
+                           "trains); the primary accountant (dp-accounting PLD) must agree in either case")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=cmd_budget_plan)
 
     prov = sub.add_parser("provision", help="issue TLS, node-auth and CKKS kits for every party")

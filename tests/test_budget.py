@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -11,11 +12,11 @@ from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from mor_secure.errors import BudgetExceededError, ConfigError
-from mor_secure.privacy.accounting import client_guarantee, epsilon_output
+from mor_secure.privacy.accounting import client_guarantee, epsilon_dpsgd, epsilon_output
 from mor_secure.privacy.budget import Budget, BudgetGuard, remaining
 from mor_secure.privacy.events import DpSgdTraining, GaussianScoreRelease, event_to_dict
 from mor_secure.privacy.ledger import Ledger, generate_signing_key
-from mor_secure.privacy.planner import plan_budget
+from mor_secure.privacy.planner import calibrate_dpsgd, plan_budget
 
 DELTA = 1e-5
 TRAIN = DpSgdTraining(noise_multiplier=1.0, sample_rate=0.01, steps=500, max_grad_norm=1.0, num_records=100)  # eps ~1.2
@@ -214,3 +215,56 @@ def test_plan_errors_name_the_bad_value(kwargs, message):
     args = {"target_epsilon": 1.0, "delta": DELTA, "num_records": 500, "epochs": 1, "batch_size": 50, **kwargs}
     with pytest.raises(ConfigError, match=message):
         plan_budget(**args)
+
+
+def test_plan_by_phase_composes_to_the_whole_and_the_guard_accepts_the_run(ledger):
+    plan = plan_budget(target_epsilon=2.0, delta=DELTA, num_records=400, epochs=2, batch_size=40,
+                       score_count=4, clip_bound=1.0, phase_releases={"router_fit": 1, "grpo": 12})
+    rows = {r["phase"]: r for r in plan.phases()}
+    assert list(rows) == ["rm_training", "router_fit", "grpo"] and plan.output.releases == 13
+    release = plan.output.event()
+    assert rows["grpo"]["output"] == pytest.approx(epsilon_output([release] * 12, DELTA))
+    assert rows["grpo"]["output_cumulative"] == pytest.approx(epsilon_output([release] * 13, DELTA))
+    assert rows["grpo"]["output_cumulative"] <= 2.0
+    assert rows["router_fit"]["output"] < rows["grpo"]["output"] < rows["grpo"]["output_cumulative"]
+    assert rows["rm_training"]["dpsgd"] == plan.dpsgd.epsilon["dpa_pld"] and rows["grpo"]["dpsgd"] == 0.0
+    # the stated guarantee after each phase is what the guard computes from the ledger of that run
+    guard = BudgetGuard(ledger, Budget(epsilon=2.0, delta=DELTA))
+    guard.authorize(plan.dpsgd.event(max_grad_norm=1.0), ctx("rm_training"))
+    for phase, n in plan.output.phase_releases.items():
+        for _ in range(n):
+            guard.authorize(release, ctx(phase))
+        assert 2.0 - guard.remaining() == pytest.approx(rows[phase]["stated"], rel=1e-6)
+    assert "Epsilon each phase would spend" in plan.render() and plan.to_dict()["phases"][2]["releases"] == 12
+    with pytest.raises(ConfigError, match="disagrees with phase_releases"):
+        plan_budget(target_epsilon=2.0, delta=DELTA, num_records=400, epochs=None, batch_size=40, score_releases=5,
+                    score_count=4, clip_bound=1.0, phase_releases={"grpo": 3})
+
+
+@pytest.mark.parametrize("records, batch", [(24, 8), (30, 8), (3000, 256), (100, 16)])
+def test_calibrated_training_is_the_schedule_opacus_runs(records, batch):
+    """The recorded training (sample rate, steps) is what Opacus' DPDataLoader runs from a loader of
+    ``batch``, so the ledger never under-reports; and it meets the target under the primary accountant."""
+    import torch
+    from opacus.data_loader import DPDataLoader
+
+    event = calibrate_dpsgd(target_epsilon=3.0, delta=DELTA, num_records=records, epochs=2, batch_size=batch,
+                            opacus_accountant="rdp")
+    loader = DPDataLoader.from_data_loader(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(records, 1)), batch_size=batch))
+    assert loader.sample_rate == event.sample_rate and 2 * len(loader) <= event.steps
+    assert epsilon_dpsgd([event], DELTA) <= 3.0
+
+
+def test_cli_budget_plan_prints_each_phase(capsys):
+    from mor_secure import cli
+
+    code = cli.main(["budget", "plan", "--epsilon", "2", "--delta", "1e-5", "--records", "400", "--epochs", "2",
+                     "--batch-size", "40", "--score-count", "4", "--clip-bound", "1", "--phase-releases", "router_fit=1",
+                     "--phase-releases", "grpo=12", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["phase"] for r in out["phases"]] == ["rm_training", "router_fit", "grpo"]
+    assert out["dpsgd"]["opacus_accountant"] == "rdp" and out["dpsgd"]["steps"] == 20
+    assert cli.main(["budget", "plan", "--epsilon", "2", "--delta", "1e-5", "--records", "400", "--epochs", "2",
+                     "--batch-size", "40", "--phase-releases", "grpo"]) == 2
+    assert "PHASE=COUNT" in capsys.readouterr().err

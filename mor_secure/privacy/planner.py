@@ -13,13 +13,16 @@ client ends with is the smaller route (see :mod:`mor_secure.privacy.accounting`)
 * Output route: the smallest per-release noise std (relative 1e-3) such that ``score_releases``
   releases of ``score_count`` scores clipped to ``[-clip_bound, clip_bound]`` compose to at most
   the target under the primary accountant (bisection over it).
+* Per phase (``phase_releases``, e.g. ``{"router_fit": 1, "grpo": 200}`` in run order): the epsilon
+  each phase would spend on each route, and the stated guarantee after it. Training is phase
+  ``rm_training``; it releases nothing by itself, and on the DP-SGD route later phases cost nothing.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -61,6 +64,7 @@ class OutputPlan:
     noise_std: float
     noise_multiplier: float  # noise_std / (2 * clip_bound * sqrt(count))
     epsilon: Mapping[str, float]  # by accountant, all releases composed
+    phase_releases: Mapping[str, int] = field(default_factory=dict)  # in run order; empty: not split
 
     def event(self) -> GaussianScoreRelease:
         """The ledger event of one release this plan describes."""
@@ -75,7 +79,26 @@ class Plan:
     output: OutputPlan | None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "phases": self.phases()}
+
+    def phases(self) -> list[dict]:
+        """Epsilon (primary accountant) each phase would spend, in run order: ``dpsgd`` and ``output``
+        (the phase alone on each route), ``output_cumulative`` and ``stated`` (the guarantee after the
+        phase: the smaller route so far; 0 until the first release)."""
+        rows, dpsgd_eps = [], math.inf
+        if self.dpsgd:
+            dpsgd_eps = self.dpsgd.epsilon[PRIMARY_ACCOUNTANT]
+            rows.append({"phase": "rm_training", "releases": 0, "dpsgd": dpsgd_eps, "output": 0.0,
+                         "output_cumulative": 0.0, "stated": 0.0})
+        if self.output and self.output.phase_releases:
+            event, done = self.output.event(), 0
+            for phase, n in self.output.phase_releases.items():
+                done += n
+                cumulative = epsilon_output([event] * done, self.delta)
+                rows.append({"phase": phase, "releases": n, "dpsgd": 0.0 if self.dpsgd else math.inf,
+                             "output": epsilon_output([event] * n, self.delta), "output_cumulative": cumulative,
+                             "stated": min(dpsgd_eps, cumulative)})
+        return rows
 
     def render(self) -> str:
         lines = [f"Privacy plan per client: target (epsilon={self.target_epsilon:g}, delta={self.delta:g}) "
@@ -95,6 +118,13 @@ class Plan:
                 f"noise_std={o.noise_std:.4f} per score (noise_multiplier={o.noise_multiplier:.4f})"
             )
             lines += _table(o.epsilon)
+        rows = self.phases()
+        if len(rows) > 1:
+            lines.append(f"Epsilon each phase would spend ({PRIMARY_ACCOUNTANT}; 'stated' is the guarantee after the phase):")
+            lines.append(f"  {'phase':<14} {'releases':>8} {'DP-SGD route':>13} {'output route':>13} "
+                         f"{'output so far':>14} {'stated':>10}")
+            lines += [f"  {r['phase']:<14} {r['releases']:>8} {r['dpsgd']:>13.4f} {r['output']:>13.4f} "
+                      f"{r['output_cumulative']:>14.4f} {r['stated']:>10.4f}" for r in rows]
         return "\n".join(lines)
 
 
@@ -124,31 +154,57 @@ def _positive_int(name: str, value: object, minimum: int = 1) -> int:
     return value
 
 
-def _plan_dpsgd(target: float, delta: float, num_records: int, epochs: int, batch_size: int, accountant: str) -> DpSgdPlan:
+def dpsgd_schedule(num_records: int, batch_size: int, epochs: int) -> tuple[float, int, int]:
+    """``(sample_rate, steps_per_epoch, steps)`` of Opacus' Poisson ``DPDataLoader`` built by
+    ``make_private`` from a loader of ``batch_size``: ``len(loader) = ceil(num_records / batch_size)``
+    steps per epoch at ``sample_rate = 1 / len(loader)``."""
     steps_per_epoch = math.ceil(num_records / batch_size)
-    sample_rate, steps = 1 / steps_per_epoch, epochs * steps_per_epoch
+    return 1 / steps_per_epoch, steps_per_epoch, epochs * steps_per_epoch
+
+
+def calibrate_dpsgd(
+    *, target_epsilon: float, delta: float, num_records: int, epochs: int, batch_size: int,
+    max_grad_norm: float = 1.0, opacus_accountant: str = "prv",
+) -> DpSgdTraining:
+    """The ledger event of a DP-SGD training that meets ``(target_epsilon, delta)``: the schedule
+    Opacus will run (:func:`dpsgd_schedule`) and the noise multiplier from Opacus'
+    ``get_noise_multiplier``, raised by bisection if the primary accountant (dp-accounting PLD) puts
+    it above the target, so the client's budget guard accepts exactly this training."""
+    sample_rate, _, steps = dpsgd_schedule(num_records, batch_size, epochs)
 
     def training(z: float) -> DpSgdTraining:
-        return DpSgdTraining(noise_multiplier=z, sample_rate=sample_rate, steps=steps, max_grad_norm=1.0, num_records=num_records)
+        return DpSgdTraining(noise_multiplier=z, sample_rate=sample_rate, steps=steps, max_grad_norm=max_grad_norm,
+                             num_records=num_records)
 
     try:
-        z = get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant)
+        z = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                 steps=steps, accountant=opacus_accountant)
     except ValueError as exc:  # Opacus: "The privacy budget is too low."
-        raise ConfigError(f"target_epsilon={target} is out of reach for {steps} steps at sample_rate={sample_rate:.4g}: {exc}") from exc
-    if epsilon_dpsgd([training(z)], delta) > target:  # the primary accountant must agree
-        z = _smallest_noise(lambda s: epsilon_dpsgd([training(s)], delta), target, z)
-    eps = client_guarantee([training(z)], delta, ACCOUNTANTS).by_accountant["dpsgd"]
-    return DpSgdPlan(z, sample_rate, steps, steps_per_epoch, epochs, batch_size, num_records, accountant, dict(eps))
+        raise ConfigError(f"target_epsilon={target_epsilon} is out of reach for {steps} steps at "
+                          f"sample_rate={sample_rate:.4g}: {exc}") from exc
+    if epsilon_dpsgd([training(z)], delta) > target_epsilon:  # the primary accountant must agree
+        z = _smallest_noise(lambda s: epsilon_dpsgd([training(s)], delta), target_epsilon, z)
+    return training(float(z))
 
 
-def _plan_output(target: float, delta: float, releases: int, count: int, clip_bound: float) -> OutputPlan:
+def _plan_dpsgd(target: float, delta: float, num_records: int, epochs: int, batch_size: int, accountant: str) -> DpSgdPlan:
+    _, steps_per_epoch, _ = dpsgd_schedule(num_records, batch_size, epochs)
+    event = calibrate_dpsgd(target_epsilon=target, delta=delta, num_records=num_records, epochs=epochs,
+                            batch_size=batch_size, opacus_accountant=accountant)
+    eps = client_guarantee([event], delta, ACCOUNTANTS).by_accountant["dpsgd"]
+    return DpSgdPlan(event.noise_multiplier, event.sample_rate, event.steps, steps_per_epoch, epochs, batch_size,
+                     num_records, accountant, dict(eps))
+
+
+def _plan_output(target: float, delta: float, releases: int, count: int, clip_bound: float,
+                 phase_releases: Mapping[str, int]) -> OutputPlan:
     def events(std: float) -> list[GaussianScoreRelease]:
         return [GaussianScoreRelease(noise_std=std, clip_bound=clip_bound, count=count)] * releases
 
     sensitivity = events(1.0)[0].l2_sensitivity
     std = _smallest_noise(lambda s: epsilon_output(events(s), delta), target, sensitivity)
     eps = client_guarantee(events(std), delta, ACCOUNTANTS).by_accountant["output"]
-    return OutputPlan(releases, count, clip_bound, std, std / sensitivity, dict(eps))
+    return OutputPlan(releases, count, clip_bound, std, std / sensitivity, dict(eps), dict(phase_releases))
 
 
 def plan_budget(
@@ -162,9 +218,22 @@ def plan_budget(
     score_count: int = 0,
     clip_bound: float | None = None,
     opacus_accountant: str = "prv",
+    phase_releases: Mapping[str, int] | None = None,
 ) -> Plan:
     """Plan DP-SGD noise (``epochs=None``: no DP training) and per-release score noise
-    (``score_releases=0``: none) so that each route alone meets ``(target_epsilon, delta)``."""
+    (``score_releases=0``: none) so that each route alone meets ``(target_epsilon, delta)``.
+    ``phase_releases`` (phase -> releases, in run order) splits the releases by phase; it replaces
+    ``score_releases``."""
+    phase_releases = dict(phase_releases or {})
+    for phase, n in phase_releases.items():
+        if not isinstance(phase, str) or not phase or phase == "rm_training":
+            raise ConfigError(f"phase_releases keys must be release phases (not rm_training). Found {phase!r}.")
+        _positive_int(f"phase_releases[{phase!r}]", n)
+    if phase_releases:
+        if score_releases not in (0, sum(phase_releases.values())):
+            raise ConfigError(f"score_releases={score_releases} disagrees with phase_releases (total "
+                              f"{sum(phase_releases.values())}); give one of them.")
+        score_releases = sum(phase_releases.values())
     if not isinstance(target_epsilon, (int, float)) or not 0 < target_epsilon < math.inf:
         raise ConfigError(f"target_epsilon must be a finite number > 0. Found {target_epsilon!r}.")
     _positive_int("num_records", num_records)
@@ -181,5 +250,6 @@ def plan_budget(
         if not isinstance(clip_bound, (int, float)) or not 0 < clip_bound < math.inf:
             raise ConfigError(f"clip_bound (scores are clipped to [-B, B]) must be a finite number > 0. Found {clip_bound!r}.")
     dpsgd = _plan_dpsgd(target_epsilon, delta, num_records, epochs, batch_size, opacus_accountant) if epochs else None
-    output = _plan_output(target_epsilon, delta, score_releases, score_count, clip_bound) if score_releases else None
+    output = (_plan_output(target_epsilon, delta, score_releases, score_count, clip_bound, phase_releases)
+              if score_releases else None)
     return Plan(target_epsilon, delta, dpsgd, output)
