@@ -268,3 +268,32 @@ def test_cli_budget_plan_prints_each_phase(capsys):
     assert cli.main(["budget", "plan", "--epsilon", "2", "--delta", "1e-5", "--records", "400", "--epochs", "2",
                      "--batch-size", "40", "--phase-releases", "grpo"]) == 2
     assert "PHASE=COUNT" in capsys.readouterr().err
+
+
+_TRAIN_PY_SCHEDULE_BUG = pytest.mark.xfail(
+    strict=True,
+    reason="rewards/train.py plan_dpsgd records sample_rate=batch/N and epochs*int(N/batch) steps, but Opacus' "
+           "DPDataLoader runs ceil(N/batch) steps per epoch at 1/ceil(N/batch): the ledger under-reports "
+           "DP-SGD epsilon when batch does not divide N (demo: 7.10 recorded vs 7.22 run). Fix: use "
+           "mor_secure.privacy.planner.calibrate_dpsgd there, then drop this mark.",
+)
+
+
+@pytest.mark.parametrize("records, batch", [(24, 8), (64, 16),
+                                            pytest.param(30, 8, marks=_TRAIN_PY_SCHEDULE_BUG),
+                                            pytest.param(3000, 256, marks=_TRAIN_PY_SCHEDULE_BUG)])
+def test_training_recorded_by_the_client_covers_what_opacus_runs(records, batch):
+    """The event the client writes before DP-SGD (rewards.train.plan_dpsgd) has epsilon at least that
+    of the schedule Opacus' DPDataLoader then runs, by the primary accountant."""
+    import torch
+    from opacus.data_loader import DPDataLoader
+
+    from mor_secure.rewards.train import TrainSettings, plan_dpsgd
+
+    settings = TrainSettings(epochs=2, batch_size=batch, lr=0.1, dp=True, target_epsilon=3.0, delta=DELTA)
+    recorded = plan_dpsgd(records, settings)
+    dataset = torch.utils.data.TensorDataset(torch.zeros(records, 1))
+    loader = DPDataLoader.from_data_loader(torch.utils.data.DataLoader(dataset, batch_size=batch))
+    run = DpSgdTraining(noise_multiplier=recorded.noise_multiplier, sample_rate=loader.sample_rate,
+                        steps=settings.epochs * len(loader), max_grad_norm=1.0, num_records=records)
+    assert epsilon_dpsgd([recorded], DELTA) >= epsilon_dpsgd([run], DELTA) * (1 - 1e-9)
