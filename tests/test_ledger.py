@@ -262,3 +262,14 @@ def test_cli_verify_passes_an_intact_ledger_and_fails_a_foreign_key_or_a_missing
     with contextlib.redirect_stdout(out):
         assert cli.main(["ledger", "verify", str(folder / "ledger.jsonl"), "--key", str(tmp_path / "other.pub")]) == 1
     assert "entry 1 (line 1) is the first bad entry: bad signature" in out.getvalue()
+
+
+def test_entries_spell_out_mechanism_and_sensitivity_and_they_must_match(tmp_path, key):
+    path = tmp_path / "ledger.jsonl"
+    _filled(path, key, n=2)
+    train, release = (json.loads(line)["event"] for line in path.read_text().splitlines())
+    assert (train["mechanism"], train["l2_sensitivity"]) == ("poisson_subsampled_gaussian", TRAIN.max_grad_norm)
+    assert (release["mechanism"], release["l2_sensitivity"]) == ("gaussian", 2 * 1.0 * 8 ** 0.5)
+    assert ledger_mod.event_from_dict(release) == RELEASE
+    with pytest.raises(LedgerError, match="l2_sensitivity=1.0 but its fields give"):
+        ledger_mod.event_from_dict({**release, "l2_sensitivity": 1.0})

@@ -16,6 +16,9 @@ Two kinds of release exist:
   up to ``2 * clip_bound``, so the vector's L2 sensitivity is ``2 * clip_bound * sqrt(count)``.
   A release with ``noise_std == 0`` is a non-private release: its output-route epsilon is
   infinite, and it is only allowed when the DP-SGD route covers it.
+
+In the ledger each event also spells out its ``mechanism`` and ``l2_sensitivity`` (derived from the
+fields and checked on reading), so that an auditor can recompute epsilon from the file alone.
 """
 
 from __future__ import annotations
@@ -86,17 +89,33 @@ PrivacyEvent = Union[DpSgdTraining, GaussianScoreRelease]
 EVENT_TYPES: dict[str, type] = {cls.kind: cls for cls in (DpSgdTraining, GaussianScoreRelease)}
 
 
+def _derived(event: PrivacyEvent) -> dict[str, Any]:
+    """What an outside reader of the ledger needs spelled out, derived from the fields: the mechanism
+    and the L2 sensitivity the noise is calibrated to (DP-SGD: the per-example clipping norm)."""
+    if isinstance(event, DpSgdTraining):
+        return {"mechanism": "poisson_subsampled_gaussian", "l2_sensitivity": event.max_grad_norm}
+    return {"mechanism": "gaussian", "l2_sensitivity": event.l2_sensitivity}
+
+
 def event_to_dict(event: PrivacyEvent) -> dict[str, Any]:
-    return {"kind": event.kind, **asdict(event)}
+    """The ledger's JSON form: ``kind``, the fields, and the derived ``mechanism`` and ``l2_sensitivity``."""
+    return {"kind": event.kind, **asdict(event), **_derived(event)}
 
 
 def event_from_dict(data: dict[str, Any]) -> PrivacyEvent:
+    """Inverse of :func:`event_to_dict`; derived keys, when present, must match the fields."""
     data = dict(data)
     kind = data.pop("kind", None)
     cls = EVENT_TYPES.get(kind)
     if cls is None:
         raise LedgerError(f"unknown privacy event kind {kind!r}; expected one of {sorted(EVENT_TYPES)}.")
+    derived = {key: data.pop(key) for key in ("mechanism", "l2_sensitivity") if key in data}
     try:
-        return cls(**data)
+        event = cls(**data)
     except (TypeError, ValueError) as exc:
         raise LedgerError(f"malformed {kind} event {data!r}: {exc}") from exc
+    expected = _derived(event)
+    for key, value in derived.items():
+        if value != expected[key]:
+            raise LedgerError(f"{kind} event says {key}={value!r} but its fields give {expected[key]!r}.")
+    return event
