@@ -155,16 +155,22 @@ def pristine(pristine_files):
     return raw, load_public_key(folder / "k.pub")
 
 
+@st.composite
+def one_byte_changed(draw, raw: bytes) -> tuple[bytes, int]:
+    """``raw`` with one byte replaced, and the line whose content (or final newline) held that byte."""
+    pos = draw(st.integers(0, len(raw) - 1), label="position")
+    new = draw(st.integers(0, 255).filter(lambda b: b != raw[pos]), label="byte")
+    return raw[:pos] + bytes([new]) + raw[pos + 1 :], raw[:pos].count(b"\n") + 1
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_any_single_byte_change_is_detected_at_its_line(pristine, data):
     raw, public_key = pristine
-    pos = data.draw(st.integers(0, len(raw) - 1), label="position")
-    new = data.draw(st.integers(0, 255).filter(lambda b: b != raw[pos]), label="byte")
-    line = raw[:pos].count(b"\n") + 1  # the line whose content (or final newline) holds pos
+    changed, line = data.draw(one_byte_changed(raw))
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "ledger.jsonl"
-        path.write_bytes(raw[:pos] + bytes([new]) + raw[pos + 1 :])
+        path.write_bytes(changed)
         result = verify_ledger(path, public_key)
     assert not result.ok
     assert result.first_bad == line, result.reason
@@ -233,12 +239,10 @@ def test_tail_holding_a_complete_but_altered_entry_is_not_torn(tmp_path, key):
 def test_cli_verify_fails_on_any_changed_byte_and_names_the_entry(pristine_files, data):
     """``mor-secure ledger verify`` (the command a compliance officer runs) on a copy with one byte changed."""
     folder, raw = pristine_files
-    pos = data.draw(st.integers(0, len(raw) - 1), label="position")
-    new = data.draw(st.integers(0, 255).filter(lambda b: b != raw[pos]), label="byte")
-    line = raw[:pos].count(b"\n") + 1
+    changed, line = data.draw(one_byte_changed(raw))
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "ledger.jsonl"
-        path.write_bytes(raw[:pos] + bytes([new]) + raw[pos + 1 :])
+        path.write_bytes(changed)
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             code = cli.main(["ledger", "verify", str(path), "--key", str(folder / "k.pub")])
