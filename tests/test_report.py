@@ -129,6 +129,8 @@ def test_missing_ledger_states_no_guarantee(written):
     assert absent["guarantee"] is None and absent["ledger"]["ok"] is False and "missing" in absent["ledger"]["reason"]
     row = re.search(r'<tr id="client-absent">.*?</tr>', html).group(0)
     assert "NOT VERIFIED" in row and "n/a" in row
+    row = re.search(r'<tr id="client-tampered">.*?</tr>', html).group(0)
+    assert "ε ≥ " in row and "NOT VERIFIED at entry 2" in row and "untrusted ledger" in row
 
 
 def test_torn_tail_keeps_the_guarantee_valid_and_config_may_be_passed(tmp_path):

@@ -18,6 +18,7 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222;line-height:1.4}
@@ -62,6 +63,7 @@ def plot_png_base64(
     ax.set_ylim(bottom=0)
     if xs:
         ax.set_xlim(0.5, max(xs) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("ledger entry (seq), in the order the releases were recorded")
     ax.set_ylabel("ε")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
@@ -112,7 +114,9 @@ def _status_cell(c: Mapping[str, Any]) -> str:
 def _row(c: Mapping[str, Any], primary: str) -> str:
     g, b = c["guarantee"], c["budget"]
     route = "" if g is None else {"dpsgd": "DP-SGD route", "output": "output route"}[g["route"]]
-    stated = "n/a" if g is None else f'ε = {_num(g["epsilon"])}<br><small>{route}</small>'
+    # an unverified ledger proves only what its verified prefix recorded: at least that much was spent
+    relation = "=" if c["guarantee_valid"] else "≥"
+    stated = "n/a" if g is None else f'ε {relation} {_num(g["epsilon"])}<br><small>{route}</small>'
     flags = ", ".join(escape(f) for f in c["insecure_flags"]) or "none"
     return (
         f'<tr id="{element_id(c["name"])}"><td><a href="#{element_id(c["name"], "details")}">{escape(c["name"])}</a>'
