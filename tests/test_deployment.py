@@ -93,8 +93,9 @@ def test_unregistered_supernode_is_refused(link):
 def test_plaintext_control_connection_is_refused(link):
     home = link["root"] / "flwr_home_plaintext"
     home.mkdir(exist_ok=True)
+    address = link["address"]
     (home / "config.toml").write_text(f'[superlink]\ndefault = "plain"\n\n[superlink.plain]\n'
-                                      f'address = "{link['address']}"\ninsecure = true\n')
+                                      f'address = "{address}"\ninsecure = true\n')
     env = {**link["env"], "FLWR_HOME": str(home)}
     res = subprocess.run(["flwr", "supernode", "list", "plain"], env=env, capture_output=True, text=True, timeout=90)
     assert res.returncode != 0, res.stdout
