@@ -237,15 +237,16 @@ def write_result(result: dict[str, Any], path: str | Path) -> Path:
 def render_table(result: dict[str, Any]) -> str:
     """A Markdown table of the runs."""
     conf = result["config"]["confidence"]
-    lines = [f"| setting | theoretical eps (target / Opacus-actual PLD) | eps lower bound ({conf:.0%}) | best rule "
-             "(k_in, k_out): correct/guesses | steps | train s |", "|---|---|---|---|---|---|"]
+    lines = [f"| setting | target eps | eps as run (PLD) | eps lower bound ({conf:.0%}) | best rule (k_in, k_out): "
+             "correct/guesses | steps (ledger / run) | train CPU s |", "|---|---|---|---|---|---|---|"]
     for run in result["runs"]:
-        if run["dp"]:
-            setting = f"DP-SGD eps={run['target_epsilon']:g}"
-            theo = f"{run['target_epsilon']:g} / {run['dpsgd']['epsilon_opacus_pld']:.3f}"
-        else:
-            setting, theo = "no DP", "inf"
         b = run["best_rule"]
-        lines.append(f"| {setting} | {theo} | {run['epsilon_lower_bound']:.3f} | ({b['k_pos']}, {b['k_neg']}): "
-                     f"{b['v']}/{b['r']} | {run['steps']} | {run['train_seconds']} |")
+        if run["dp"]:
+            d = run["dpsgd"]
+            head = (f"| DP-SGD eps={run['target_epsilon']:g} | {run['target_epsilon']:g} | {d['epsilon_opacus_pld']:.3f} ")
+            steps = f"{d['planned_event']['steps']} / {run['steps']}"
+        else:
+            head, steps = "| no DP | - | inf ", f"- / {run['steps']}"
+        lines.append(f"{head}| {run['epsilon_lower_bound']:.3f} | ({b['k_pos']}, {b['k_neg']}): {b['v']}/{b['r']} "
+                     f"| {steps} | {run.get('train_cpu_seconds', run['train_seconds'])} |")
     return "\n".join(lines)
