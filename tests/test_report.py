@@ -148,3 +148,19 @@ def test_bad_or_missing_config_is_an_error(tmp_path):
         write_report(tmp_path)
     with pytest.raises(ConfigError, match=r"clients\[0\] \(c1\): budget.epsilon must be .* Found 0"):
         write_report(tmp_path, config={"clients": [{"name": "c1", "budget": {"epsilon": 0, "delta": DELTA}}]})
+
+
+def test_cli_report_writes_both_files_and_prints_their_paths(tmp_path, capsys):
+    from mor_secure import cli
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    client_ledger(run_dir, "c1", {"epsilon": 3.0, "delta": DELTA}, [(NOISED, "grpo")] * 2)
+    (run_dir / "config.yaml").write_text("clients:\n  - {name: c1, budget: {epsilon: 3.0, delta: 1.0e-5}}\n")
+    assert cli.main(["report", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"privacy report: {run_dir / 'privacy_report.html'}" in out and str(run_dir / "privacy_report.json") in out
+    (c,) = json.loads((run_dir / "privacy_report.json").read_text())["clients"]
+    assert c["guarantee"]["epsilon"] == pytest.approx(_pld([NOISED] * 2), rel=0.01)
+    assert cli.main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "config.yaml is missing" in capsys.readouterr().err
