@@ -4,13 +4,14 @@ Reference: T. Steinke, M. Nasr, M. Jagielski, "Privacy Auditing with One (1) Tra
 NeurIPS 2023, arXiv:2305.08846. The game: ``m`` canaries, each included in the training data
 independently with probability 1/2; after ONE run the auditor guesses membership for ``r`` of
 them (abstaining on the rest) and gets ``v`` right. If the training is ``(epsilon, delta)``-DP
-with respect to adding/removing one canary, then (the paper's Theorem 5.2)::
+with respect to adding/removing one canary, then (the paper's main result for approximate DP;
+its Appendix D computes the same p-value)::
 
     P[W >= v]  <=  f(v) + 2 m delta max_{i = 1..v} (f(v - i) - f(v)) / i,
     f(u) = P[Binomial(r, q) >= u],   q = e^eps / (1 + e^eps)
 
 where ``W`` is the number of correct guesses and ``q`` is the accuracy of ``eps``-DP randomised
-response. With ``delta = 0`` this is Theorem 3.1: W is dominated by ``Binomial(r, q)``. The
+response. With ``delta = 0`` this is the pure-DP case: W is dominated by ``Binomial(r, q)``. The
 right-hand side is the p-value of the null hypothesis "the training is (eps, delta)-DP"; the
 epsilon lower bound at confidence ``c`` is the largest ``eps`` that the test rejects at level
 ``1 - c``.
@@ -69,7 +70,7 @@ def _p_values(m: int, r: int, v: int, epsilons: np.ndarray, delta: float) -> np.
 
 def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
     """Probability, under the null "(epsilon, delta)-DP", of at least ``v`` correct guesses out of ``r``
-    with ``m`` canaries (Theorem 5.2 of Steinke et al. 2023; Theorem 3.1 when ``delta == 0``)."""
+    with ``m`` canaries (Steinke et al. 2023; the pure-DP binomial tail when ``delta == 0``)."""
     _check_counts(m, r, v)
     _check_delta(delta)
     rr_accuracy(epsilon)  # checks epsilon

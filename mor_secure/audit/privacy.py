@@ -199,7 +199,7 @@ def run_privacy_audit(cfg: AuditConfig, *, progress: bool = False, log=print) ->
             f"{run['best_rule']['v']}/{run['best_rule']['r']} correct), {run['train_seconds']} s")
         runs.append(run)
     return {
-        "method": "one-run canary audit, Steinke, Nasr and Jagielski 2023 (arXiv:2305.08846), Theorem 5.2",
+        "method": "one-run canary audit, Steinke, Nasr and Jagielski 2023 (arXiv:2305.08846), approximate-DP bound of its Appendix D",
         "config": cfg.model_dump(mode="json"),
         "inclusion": [int(b) for b in canaries.included],
         "runs": runs,
