@@ -81,7 +81,7 @@ class AuditConfig(_Strict):
     delta: float = Field(1e-5, gt=0, lt=1, description="DP-SGD delta and the delta of the bound.")
     confidence: float = Field(0.95, gt=0, lt=1)
     rules: list[tuple[int, int]] = Field(
-        default_factory=lambda: [(0, 50), (25, 25), (50, 50), (100, 100)],
+        default_factory=lambda: [(0, 100), (0, 200), (50, 200), (100, 100)],
         description="Guessing rules (k_in, k_out) fixed before the run; Bonferroni over them.")
 
     @model_validator(mode="after")
