@@ -41,6 +41,9 @@ class DataSection(_Strict):
     eval_prompts: int = Field(250, ge=8, description="Held-out prompts with oracle answers.")
     foreign_fraction: float = Field(0.1, ge=0, le=1)
     foreign_label_noise: float = Field(0.5, ge=0, le=1)
+    malformed_fraction: float = Field(
+        0.25, ge=0, le=1,
+        description="Share of each client's pairs whose rejected response is off-topic or empty (format preference).")
 
 
 class ModelSpec(_Strict):

@@ -7,6 +7,14 @@ import os
 import warnings
 
 
+class _DropFlowerNotices(logging.Filter):
+    """Drop Flower's notice that ``run_simulation`` is deprecated: ``mor-secure run`` uses it on
+    purpose (one process, progress bars, the run folder) and ``flwr run .`` is documented."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "DEPRECATED FEATURE" not in str(record.msg)
+
+
 def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -17,6 +25,12 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", module=module)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # Opacus' per-sample hooks on a model whose inputs need no grad: expected, harmless
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.propagate = False  # Flower prints through its own handler; no second copy via root
+    if not any(isinstance(f, _DropFlowerNotices) for f in flwr_log.filters):
+        flwr_log.addFilter(_DropFlowerNotices())
     try:
         import absl.logging
 

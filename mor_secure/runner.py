@@ -53,6 +53,7 @@ def prepare_run(cfg: RunConfig, run_dir: Path | None = None) -> Path:
         clients=[(c.name, list(c.families), d.pairs_per_client) for c in cfg.clients],
         n_public=d.public_prompts, n_objective=d.objective_pairs, n_eval=d.eval_prompts,
         foreign_fraction=d.foreign_fraction, foreign_label_noise=d.foreign_label_noise,
+        malformed_fraction=d.malformed_fraction,
     )
     for client in cfg.clients:
         folder = run_dir / "clients" / client.name

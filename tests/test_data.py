@@ -257,6 +257,24 @@ def test_foreign_label_noise_extremes():
     assert len(pairs) == 30 and {p["family"] for p in pairs} == set(DIGITS_FAMILIES)
 
 
+@pytest.mark.parametrize("track,owned", [("shapes", ["colour", "size"]), ("digits", ["parity"])])
+def test_malformed_rejections_are_wrong_by_the_oracle_and_keep_the_chosen(track, owned):
+    plain = make_client_pairs(track, owned, 120, seed=3, foreign_fraction=0.0)
+    assert all(p["rejected"] in FAMILIES[p["family"]].answers for p in plain)  # default: none malformed
+    pairs = make_client_pairs(track, owned, 120, seed=3, foreign_fraction=0.0, malformed_fraction=1.0)
+    kinds = Counter()
+    for p in pairs:
+        answers = FAMILIES[p["family"]].answers
+        truth = pixel_answer(p["family"], p["image"]) if track == "shapes" else p["chosen"]
+        assert p["chosen"] == truth and p["chosen"] in answers
+        assert not oracle_correct(p["family"], truth, p["rejected"])  # never an answer of the question
+        words = p["rejected"].split()
+        kinds["empty" if not words else "two words" if len(words) == 2 else "one word"] += 1
+    assert set(kinds) == {"empty", "one word", "two words"}, kinds
+    with pytest.raises(ConfigError, match="malformed_fraction"):
+        make_client_pairs(track, owned, 10, seed=3, malformed_fraction=1.5)
+
+
 # ---------------------------------------------------------------- digit pools
 
 def test_digit_pools_disjoint_and_stratified():

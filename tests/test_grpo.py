@@ -1,7 +1,8 @@
 """Phase 3: TRL GRPO with a KL penalty raises the oracle reward of the policy on a tiny task.
 
-The reward here is the oracle itself, wrapped as one in-process 'client' (a planted reward,
-so the test isolates GRPO from reward-model quality); the router has one client.
+One-token answers, as in the demo. The reward here is the oracle itself, wrapped as one
+in-process 'client' (a planted reward, so the test isolates GRPO from reward-model quality);
+the router has one client.
 """
 
 import numpy as np
@@ -26,7 +27,7 @@ def test_grpo_raises_oracle_accuracy(tmp_path):
     policy.model.config._name_or_path = str(tmp_path / "base")
 
     def accuracy():
-        answers = generate_answers(policy, [s["image"] for s in test], [s["question"] for s in test], max_new_tokens=2)
+        answers = generate_answers(policy, [s["image"] for s in test], [s["question"] for s in test], max_new_tokens=1)
         return oracle_accuracy([s["family"] for s in test], [s["answer"] for s in test], answers)["mean"]
 
     before = accuracy()
@@ -42,7 +43,7 @@ def test_grpo_raises_oracle_accuracy(tmp_path):
 
     router = Router(policy.hidden_size, ["oracle"])
     reward = MixtureReward(oracle_scorer, router, prompt_features(policy, images, questions), images, questions)
-    cfg = GrpoSection(steps=60, prompts_per_step=16, num_generations=8, beta=0.04, lr=1e-3, max_completion_length=2)
+    cfg = GrpoSection(steps=60, prompts_per_step=16, num_generations=8, beta=0.04, lr=1e-3, max_completion_length=1)
     history = run_grpo(policy, build_dataset(images, questions, [s["family"] for s in train]), reward, cfg,
                        out_dir=tmp_path / "trainer", seed=0, progress=False)
     after = accuracy()

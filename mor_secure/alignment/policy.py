@@ -99,15 +99,22 @@ def generate_answers(vlm: VLM, images: Sequence[Image.Image], questions: Sequenc
 @torch.no_grad()
 def prompt_features(vlm: VLM, images: Sequence[Image.Image], questions: Sequence[str],
                     batch_size: int = 64) -> torch.Tensor:
-    """Router features: mean-pooled final hidden states of the (frozen) model on the prompt. (N, H)."""
+    """Router features: final hidden states of the (frozen) model on the prompt, mean-pooled
+    over the text positions (N, H). The image is seen through attention; its own positions are
+    left out of the mean, since dozens of image tokens would otherwise drown the question
+    (measured: per-family routing to the owning client fell from >0.9 to ~0.5 on some families)."""
     vlm.model.eval()
+    image_token = getattr(vlm.model.config, "image_token_id", None)
     feats = []
     for start in range(0, len(images), batch_size):
         texts = prompt_texts(vlm, questions[start:start + batch_size])
         batch = _batch(vlm, images[start:start + batch_size], texts)
         hidden = vlm.model.model(**batch).last_hidden_state  # (B, T, H)
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        feats.append((hidden * mask).sum(1) / mask.sum(1))
+        keep = batch["attention_mask"].bool()
+        if image_token is not None:
+            keep &= batch["input_ids"] != image_token
+        mask = keep.unsqueeze(-1).to(hidden.dtype)
+        feats.append((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0))
     return torch.cat(feats) if feats else torch.zeros(0, vlm.hidden_size)
 
 

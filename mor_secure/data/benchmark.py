@@ -112,6 +112,23 @@ def _wrong(family: str, answer: str, rng: np.random.Generator) -> str:
     return wrong[int(rng.integers(len(wrong)))]
 
 
+def _malformed(track: str, family: str, rng: np.random.Generator) -> str:
+    """A response that does not answer ``family``'s question: an off-topic word (another
+    family's answer or a question word), nothing at all, or an off-topic word before an answer.
+    Its first word is never one of ``family``'s answers, so the oracle scores it wrong."""
+    own = set(FAMILIES[family].answers)
+    words = sorted({w for f in families_for_track(track) for w in (*f.answers, *f.question.split(" "))
+                    if first_word(w) and first_word(w) not in own})  # "?" alone is no word
+    off_topic = words[int(rng.integers(len(words)))]
+    kind = int(rng.integers(3))
+    if kind == 0:
+        return off_topic
+    if kind == 1:
+        return ""
+    answers = FAMILIES[family].answers
+    return f"{off_topic} {answers[int(rng.integers(len(answers)))]}"
+
+
 def make_samples(track: str, family: str, n: int, seed: int, image_size: int = 32, *,
                  pool: str = "eval") -> list[dict[str, Any]]:
     """``n`` answered samples of one family, answers balanced.
@@ -131,17 +148,22 @@ def make_samples(track: str, family: str, n: int, seed: int, image_size: int = 3
 def make_client_pairs(
     track: str, owned_families: Sequence[str], n_pairs: int, seed: int, image_size: int = 32,
     foreign_fraction: float = 0.1, foreign_label_noise: float = 0.5, *,
-    client_index: int = 0, n_clients: int = 1,
+    client_index: int = 0, n_clients: int = 1, malformed_fraction: float = 0.0,
 ) -> list[dict[str, Any]]:
     """A client's private preference pairs (non-IID; see the module docstring).
 
     Exactly ``round(n_pairs * foreign_fraction)`` pairs are foreign (none when the client owns
-    every family of the track). ``client_index`` selects the client's own random stream; on
+    every family of the track). With probability ``malformed_fraction`` a pair's rejected
+    response is replaced by a malformed one (:func:`_malformed`): every client also prefers a
+    well-formed answer over an off-topic or empty one, which keeps its reward model from
+    rewarding responses it never saw (a policy would otherwise learn to emit them).
+    ``client_index`` selects the client's own random stream; on
     digits the images come from shard ``client_index`` of ``n_clients`` of the client pool.
     """
     owned = _track_families(track, owned_families)
     n_pairs, image_size = _count("n_pairs", n_pairs), _image_size(track, image_size)
-    for name, v in (("foreign_fraction", foreign_fraction), ("foreign_label_noise", foreign_label_noise)):
+    for name, v in (("foreign_fraction", foreign_fraction), ("foreign_label_noise", foreign_label_noise),
+                    ("malformed_fraction", malformed_fraction)):
         if not 0.0 <= float(v) <= 1.0:
             raise ConfigError(f"{name}={v!r} must lie in [0, 1]")
     client_index, n_clients = _count("client_index", client_index), _count("n_clients", n_clients)
@@ -161,6 +183,8 @@ def make_client_pairs(
         chosen, rejected = s["answer"], _wrong(family, s["answer"], rng)
         if is_foreign and rng.random() < foreign_label_noise:
             chosen, rejected = rejected, chosen
+        if malformed_fraction and rng.random() < malformed_fraction:
+            rejected = _malformed(track, family, rng)
         pairs.append({"image": s["image"], "family": family, "question": s["question"],
                       "chosen": chosen, "rejected": rejected})
     return pairs
@@ -203,7 +227,7 @@ def write_benchmark(out_dir: str | Path, *, track: str, seed: int, image_size: i
                     clients: Sequence[tuple[str, Sequence[str], int]], n_public: int,
                     n_objective: int, n_eval: int, families: Sequence[str] | None = None,
                     foreign_fraction: float = 0.1,
-                    foreign_label_noise: float = 0.5) -> dict[str, Any]:
+                    foreign_label_noise: float = 0.5, malformed_fraction: float = 0.0) -> dict[str, Any]:
     """Generate and save the whole benchmark as ``datasets`` folders (``save_to_disk``).
 
     ``clients`` lists ``(client_name, owned_families, n_pairs)``; client ``i`` uses random
@@ -227,7 +251,8 @@ def write_benchmark(out_dir: str | Path, *, track: str, seed: int, image_size: i
     paths: dict[str, Any] = {"clients": {}, "server": {}}
     for i, (name, owned, n_pairs) in enumerate(clients):
         pairs = make_client_pairs(track, owned, n_pairs, seed, image_size, foreign_fraction,
-                                  foreign_label_noise, client_index=i, n_clients=len(clients))
+                                  foreign_label_noise, client_index=i, n_clients=len(clients),
+                                  malformed_fraction=malformed_fraction)
         paths["clients"][name] = save_records(pairs, "pairs", out / "clients" / name / "data")
     server = make_server_sets(track, families, seed, image_size, n_public, n_objective, n_eval)
     for split, records in server.items():
@@ -238,6 +263,7 @@ def write_benchmark(out_dir: str | Path, *, track: str, seed: int, image_size: i
         "families": list(families) if families is not None else None,
         "n_public": int(n_public), "n_objective": int(n_objective), "n_eval": int(n_eval),
         "foreign_fraction": float(foreign_fraction), "foreign_label_noise": float(foreign_label_noise),
+        "malformed_fraction": float(malformed_fraction),
         "paths": {"clients": paths["clients"], "server": paths["server"]},
     }
     paths["manifest"] = str(out / "benchmark.json")
