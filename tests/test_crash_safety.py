@@ -16,13 +16,12 @@ dp-accounting's PLD accountant. At the end each folder gets one run that is not 
 ledger verifies outright and ``write_report`` states, for every client, an epsilon that is at least
 the released one and within the client's budget.
 
-``MOR_CRASH_KILLS`` (default 36) sets the number of kills; ``MOR_CRASH_SEED`` the delays' seed.
+``MOR_CRASH_KILLS`` (default 30) sets the number of kills; ``MOR_CRASH_SEED`` the delays' seed.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import signal
@@ -32,10 +31,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import dp_accounting as dpa
 import pytest
 import yaml
-from dp_accounting.pld import PLDAccountant
+from helpers.independent import pld_epsilon
 
 from mor_secure.compliance.report import write_report
 from mor_secure.config import ClientSection
@@ -44,12 +42,12 @@ from mor_secure.data.storage import save_records
 from mor_secure.federation.client_node import CLIENT_FILE, ClientSetup
 from mor_secure.privacy.accounting import client_guarantee
 from mor_secure.privacy.events import DpSgdTraining, GaussianScoreRelease
-from mor_secure.privacy.ledger import load_public_key, read_ledger, verify_ledger
+from mor_secure.privacy.ledger import generate_signing_key, load_public_key, read_ledger, verify_ledger
 
 HELPER = Path(__file__).parent / "helpers" / "crash_client.py"
 DELTA = 1e-5
 PAIRS, BATCH, EPOCHS = 24, 8, 1  # a multiple of the batch: Opacus then runs exactly the recorded steps
-KILLS = int(os.environ.get("MOR_CRASH_KILLS", "36"))
+KILLS = int(os.environ.get("MOR_CRASH_KILLS", "30"))
 SEED = int(os.environ.get("MOR_CRASH_SEED", str(int(time.time()) % 100_000)))
 TRAINING = {"epochs": EPOCHS, "batch_size": BATCH, "lr": 3e-3, "lora_r": 2}
 CLIENTS = {
@@ -66,8 +64,6 @@ CLIENTS = {
 
 
 def _make_client(folder: Path, name: str, section: dict) -> None:
-    from mor_secure.privacy.ledger import generate_signing_key
-
     config = ClientSection.model_validate({"name": name, "families": ["colour"], "training": TRAINING, **section})
     folder.mkdir(parents=True)
     (folder / CLIENT_FILE).write_text(ClientSetup(config, 0, 32).to_json())
@@ -116,31 +112,17 @@ def _wire(path: Path) -> list[dict]:
     return [json.loads(raw) for raw in lines if raw.strip() and raw.endswith(b"}")]
 
 
-def _pld(events: list) -> float:
-    acct = PLDAccountant(value_discretization_interval=1e-4)
-    for event in events:
-        acct.compose(event)
-    return acct.get_epsilon(DELTA)
-
-
 def released_epsilon(wire: list[dict]) -> float:
-    """Epsilon of what the client actually did (wire log), recomputed with dp-accounting PLD alone.
+    """Epsilon of what the client actually did (wire log), recomputed independently (dp-accounting PLD).
 
     DP-SGD route: every training Opacus was configured for (killed ones too: stricter than needed),
-    composed with its real sample rate and steps; it covers the releases, which all come from a
-    finished DP-trained model. Output route: every score vector sent, Gaussian with noise multiplier
-    noise_std / (2 * clip_bound * sqrt(count)). The smaller route is the released epsilon."""
-    trainings = [r for r in wire if r["ev"] == "dp_noise"]
-    releases = [r for r in wire if r["ev"] == "release"]
-    if not releases:
-        return 0.0  # nothing left the client
-    dpsgd = _pld([dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(t["sample_rate"], dpa.GaussianDpEvent(t["noise_multiplier"])),
-                                          t["steps_per_epoch"] * EPOCHS) for t in trainings]) if trainings else math.inf
-    if any(r["noise_std"] == 0 for r in releases):
-        output = math.inf
-    else:
-        output = _pld([dpa.GaussianDpEvent(r["noise_std"] / (2 * r["clip_bound"] * math.sqrt(r["count"]))) for r in releases])
-    return min(dpsgd, output)
+    with its real sample rate and steps; it covers every release, since scores only come from a
+    finished DP-trained model. Output route: every score vector sent. The smaller route."""
+    trainings = [{"kind": "dpsgd_training", "noise_multiplier": r["noise_multiplier"], "sample_rate": r["sample_rate"],
+                  "steps": r["steps_per_epoch"] * EPOCHS} for r in wire if r["ev"] == "dp_noise"]
+    releases = [{"kind": "gaussian_score_release", "noise_std": r["noise_std"], "clip_bound": r["clip_bound"],
+                 "count": r["count"]} for r in wire if r["ev"] == "release"]
+    return pld_epsilon(trainings + releases, DELTA) if releases else 0.0  # no release: nothing left the client
 
 
 def check_folder(folder: Path, wire: list[dict], *, final: bool) -> float:
