@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from flwr.app import Message
+from flwr.app import Array, Message
 from flwr.clientapp import ClientApp
 
 from mor_secure.config import parse_config
@@ -23,7 +23,7 @@ from mor_secure.crypto.provision import load_server_kit, provision
 from mor_secure.data import load_split
 from mor_secure.deploy.client_init import init_client_folder
 from mor_secure.deploy.inproc import InProcessGrid
-from mor_secure.errors import CryptoError
+from mor_secure.errors import CryptoError, ProtocolError
 from mor_secure.federation import protocol as P
 from mor_secure.federation.channel import Channel
 from mor_secure.federation.client_app import make_client_app
@@ -218,3 +218,37 @@ def test_client_init_writes_the_simulation_data_and_the_kit_ledger_key(world, tm
     with pytest.raises(ConfigError, match="already holds"):
         init_client_folder(cfg, "alpha", root / "clients" / "alpha")
     shutil.rmtree(tmp_path / "sim")
+
+
+@pytest.mark.parametrize("mutate, fragment", [
+    (lambda c: c["cfg"].__setitem__("length", 0), "cfg.length"),
+    (lambda c: c["cfg"].__setitem__("length", True), "cfg.length"),
+    (lambda c: c["cfg"].__setitem__("run_id", ""), "cfg.run_id"),
+    (lambda c: c["data"].__setitem__("ciphertext", Array(np.zeros(4, np.float32))), "uint8"),
+    (lambda c: c["data"].__setitem__("ciphertext", Array(np.zeros(0, np.uint8))), "1.."),
+])
+def test_malformed_decrypt_requests_are_refused(mutate, fragment):
+    content = P.encode_decrypt_request("r", "grpo", b"\x01" * 64, 8)
+    assert P.decode_decrypt_request(content).ciphertext == b"\x01" * 64
+    mutate(content)
+    with pytest.raises(ProtocolError, match=fragment):
+        P.decode_decrypt_request(content)
+
+
+def test_aggregate_outside_the_declared_range_is_rejected():
+    limit = np.full(3, 2.0)
+    ok = P.decode_aggregate(P.encode_aggregate("a", np.array([1.0, -1.9, 0.0])), expected=3, limit=limit)
+    assert ok.shape == (3,)
+    for bad, fragment in [(np.array([1.0, 2.5, 0.0]), "range"), (np.array([1.0, np.nan, 0.0]), "NaN"),
+                          (np.array([1.0, 2.0]), "1-D float array of 3")]:
+        with pytest.raises(ProtocolError, match=fragment):
+            P.decode_aggregate(P.encode_aggregate("a", bad), expected=3, limit=limit)
+
+
+def test_context_census_tells_private_from_public():
+    before = ckks.context_census()
+    secret = ckks.new_secret_context()
+    public = ckks.public_copy(secret)
+    now = ckks.context_census()
+    assert now["private"] == before["private"] + 1 and now["public"] == before["public"] + 1
+    del secret, public
