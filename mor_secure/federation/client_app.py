@@ -21,6 +21,7 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from mor_secure.crypto import ckks
 from mor_secure.errors import BudgetExceededError, ConfigError, CryptoError, ProtocolError
 from mor_secure.federation import protocol as P
 from mor_secure.federation.client_node import ClientNode
@@ -97,8 +98,10 @@ def handle_train(msg: Message, node: ClientNode) -> Message:
 @_guarded
 def handle_score(msg: Message, node: ClientNode) -> Message:
     req = P.decode_score_request(msg.content)
-    if req.encrypt:
-        _ = node.ckks_context  # no kit: refuse before anything is recorded or computed
+    if req.encrypt:  # no kit, or more responses than slots: refuse before anything is recorded
+        slots = ckks.slot_count(node.ckks_context)
+        if len(req.responses) > slots:
+            raise ProtocolError(f"cfg.responses has {len(req.responses)} items; one ciphertext holds {slots}")
         return Message(P.encode_encrypted_scores(node.name, node.encrypt(node.score(req))), reply_to=msg)
     scores = node.score(req)
     return Message(P.encode_scores(node.name, scores), reply_to=msg)
