@@ -80,3 +80,15 @@ def test_non_private_rm_learns_visual_preference():
     result = train_reward_model(rm, train, settings, progress=False)
     assert result.event is None and np.mean(result.losses[-5:]) < np.mean(result.losses[:5])
     assert pairwise_accuracy(rm, test) >= 0.85
+
+
+def test_every_planned_step_is_taken_even_on_empty_poisson_batches():
+    """With 4 records and expected batch 1, about a third of Poisson batches are empty; each must
+    still be a (noise-only) DP-SGD step, so the steps taken are exactly the steps accounted."""
+    rm = RewardModel(build_vlm("llava", vocabulary(), seed=0), lora_r=2)
+    settings = TrainSettings(epochs=5, batch_size=1, lr=0.1, dp=True, target_epsilon=8.0, delta=1e-5, seed=3)
+    events: list[DpSgdTraining] = []
+    result = train_reward_model(rm, planted_pairs(4, seed=1), settings, authorize=events.append, progress=False)
+    assert events[0].steps == 20 and events[0].sample_rate == pytest.approx(0.25)
+    assert result.steps == events[0].steps == result.opacus_steps  # Opacus' accountant counted each one
+    assert len(result.losses) < result.steps  # some batches were empty (seeded), and still stepped

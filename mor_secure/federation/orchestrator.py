@@ -63,6 +63,8 @@ class Orchestrator:
         metrics = {"seconds": round(time.perf_counter() - start, 2), **metrics}
         write_json(self.metrics_dir / f"{name}.json", metrics)
         self.record.setdefault("phases_completed", []).append(name)
+        # clients that refused a release for budget left the mixture for the rest of the run
+        self.record["left_mixture"] = sorted(self.channel.exhausted)
         self.save_record()
 
     # -- phase 1 ----------------------------------------------------------------------------------

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 from opacus import PrivacyEngine
-from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from mor_secure.errors import ConfigError
 from mor_secure.privacy.events import DpSgdTraining
+from mor_secure.privacy.planner import calibrate_dpsgd
 from mor_secure.rewards.reward_model import RewardModel, bradley_terry_loss
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)
     event: DpSgdTraining | None = None
+    opacus_steps: int = 0  # DP-SGD steps Opacus' own accountant saw (must equal event.steps)
 
 
 class PairTensors:
@@ -90,25 +91,23 @@ class PairTensors:
 
 
 def plan_dpsgd(num_records: int, settings: TrainSettings) -> DpSgdTraining:
-    """The DP-SGD event training would be: noise calibrated to the target with Opacus RDP."""
+    """The DP-SGD event training will run: Opacus' DPDataLoader schedule (ceil(N/batch) steps per
+    epoch at sample rate 1/that), noise calibrated with Opacus RDP and checked by the primary
+    accountant."""
     if settings.target_epsilon is None or settings.delta is None:
         raise ConfigError("privacy.epsilon and privacy.delta must be set when privacy.dp_sgd is true.")
-    sample_rate = min(1.0, settings.batch_size / num_records)
-    steps = settings.epochs * int(1 / sample_rate)
-    sigma = get_noise_multiplier(
-        target_epsilon=settings.target_epsilon,
-        target_delta=settings.delta,
-        sample_rate=sample_rate,
-        steps=steps,
-        accountant="rdp",
-    )
-    return DpSgdTraining(
-        noise_multiplier=float(sigma),
-        sample_rate=sample_rate,
-        steps=steps,
-        max_grad_norm=settings.max_grad_norm,
-        num_records=num_records,
-    )
+    return calibrate_dpsgd(target_epsilon=settings.target_epsilon, delta=settings.delta, num_records=num_records,
+                           epochs=settings.epochs, batch_size=settings.batch_size,
+                           max_grad_norm=settings.max_grad_norm, opacus_accountant="rdp")
+
+
+def _noise_only_step(optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter]) -> None:
+    """An empty Poisson batch still takes a DP-SGD step of pure noise, as the accounted mechanism
+    does: skipping it would reveal that no record was sampled."""
+    optimizer.zero_grad(set_to_none=True)
+    for p in params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+    optimizer.step()
 
 
 def train_reward_model(
@@ -135,6 +134,7 @@ def train_reward_model(
         if authorize is None:
             raise ConfigError("DP-SGD training needs a ledger: pass authorize= (the client's budget guard).")
         authorize(event)  # write-ahead; raises BudgetExceededError before any step
+        rm.train()  # Opacus refuses a module in eval mode (e.g. after rm.score)
         engine = PrivacyEngine(accountant="rdp")
         model, optimizer, loader = engine.make_private(
             module=rm,
@@ -152,7 +152,10 @@ def train_reward_model(
         for _ in range(settings.epochs):
             for batch in loader:
                 bar.update(1)
-                if batch[0].shape[0] == 0:  # an empty Poisson batch: skipping it only over-reports
+                if batch[0].shape[0] == 0:  # an empty Poisson batch
+                    if settings.dp:
+                        _noise_only_step(optimizer, rm.trainable_parameters())
+                        result.steps += 1
                     continue
                 chosen, rejected = data.split(batch)
                 loss = bradley_terry_loss(model(**chosen), model(**rejected))
@@ -163,6 +166,7 @@ def train_reward_model(
                 result.losses.append(loss.item())
                 bar.set_postfix(loss=f"{loss.item():.3f}")
     if settings.dp:
+        result.opacus_steps = sum(n for _, _, n in engine.accountant.history)
         model._close()  # remove Opacus hooks; rm keeps the trained weights
     rm.eval()
     if result.losses and not math.isfinite(result.losses[-1]):
