@@ -28,6 +28,15 @@ from mor_secure.rewards.router import Router, fit_router, masked_weights
 log = logging.getLogger(__name__)
 
 
+PHASE_TITLES = {
+    "rm_training": "phase 1: each client trains its reward model on its own data (DP-SGD where configured)",
+    "warmup": "server: format warm-up of the base policy on public prompts",
+    "router_fit": "phase 2: clients score the objective set; the server fits the router",
+    "grpo": "phase 3: GRPO on the mixture of client rewards (KL to the frozen reference)",
+    "evaluation": "evaluation: base vs aligned policy on held-out prompts (oracle answers)",
+}
+
+
 def write_json(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=float))
@@ -56,6 +65,8 @@ class Orchestrator:
 
     def phase(self, name: str):
         log.info("phase: %s", name)
+        if self.progress:  # clients train out of sight (their own processes): say what is running
+            print(f"[{time.strftime('%H:%M:%S')}] {PHASE_TITLES.get(name, name)}", flush=True)
         self.save_record(current_phase=name)
         return time.perf_counter()
 
