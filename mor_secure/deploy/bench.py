@@ -32,7 +32,7 @@ from mor_secure.alignment.grpo import MixtureReward, build_dataset, run_grpo
 from mor_secure.alignment.policy import prompt_features
 from mor_secure.config import GrpoSection, RunConfig, parse_config
 from mor_secure.crypto.provision import load_server_kit, provision
-from mor_secure.data import load_split, make_server_sets, vocabulary
+from mor_secure.data import make_server_sets, vocabulary
 from mor_secure.deploy.client_init import init_client_folder
 from mor_secure.deploy.inproc import InProcessGrid
 from mor_secure.errors import ConfigError
