@@ -25,6 +25,7 @@ import yaml
 
 from mor_secure.config import RunConfig, load_config
 from mor_secure.data import make_client_pairs, write_benchmark
+from mor_secure.data.benchmark import write_server_sets
 from mor_secure.errors import ConfigError
 from mor_secure.federation.client_node import CLIENT_FILE, ClientSetup
 from mor_secure.federation.orchestrator import write_json
@@ -34,10 +35,10 @@ log = logging.getLogger(__name__)
 
 
 def prepare_run(cfg: RunConfig, run_dir: Path | None = None) -> Path:
-    """Create the run folder: resolved config, benchmark data, one client folder each, ledger keys.
-
-    In simulation this stands in for each client's own setup; in deployment each client
-    prepares its own folder (``mor-secure client init``) and nothing here touches it.
+    """Create the run folder: resolved config, the server's sets and, in simulation only, one
+    client folder each (data, ledger keys), standing in for each client's own setup. In
+    deployment each client prepares its own folder (``mor-secure client init``) on its own host:
+    the server's run folder then holds no client data.
     """
     if run_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -48,17 +49,21 @@ def prepare_run(cfg: RunConfig, run_dir: Path | None = None) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     d = cfg.data
-    write_benchmark(
-        run_dir, track=d.track, seed=cfg.run.seed, image_size=d.image_size,
-        clients=[(c.name, list(c.families), d.pairs_per_client) for c in cfg.clients],
-        n_public=d.public_prompts, n_objective=d.objective_pairs, n_eval=d.eval_prompts,
-        foreign_fraction=d.foreign_fraction, foreign_label_noise=d.foreign_label_noise,
-        malformed_fraction=d.malformed_fraction,
-    )
-    for client in cfg.clients:
-        folder = run_dir / "clients" / client.name
-        (folder / CLIENT_FILE).write_text(ClientSetup(client, cfg.run.seed, d.image_size).to_json())
-        generate_signing_key(folder / "ledger_key.pem", folder / "ledger_key.pub")
+    if cfg.federation.mode == "deployment":  # each client prepared its own folder; the server holds none
+        write_server_sets(run_dir, track=d.track, seed=cfg.run.seed, image_size=d.image_size,
+                          n_public=d.public_prompts, n_objective=d.objective_pairs, n_eval=d.eval_prompts)
+    else:
+        write_benchmark(
+            run_dir, track=d.track, seed=cfg.run.seed, image_size=d.image_size,
+            clients=[(c.name, list(c.families), d.pairs_per_client) for c in cfg.clients],
+            n_public=d.public_prompts, n_objective=d.objective_pairs, n_eval=d.eval_prompts,
+            foreign_fraction=d.foreign_fraction, foreign_label_noise=d.foreign_label_noise,
+            malformed_fraction=d.malformed_fraction,
+        )
+        for client in cfg.clients:
+            folder = run_dir / "clients" / client.name
+            (folder / CLIENT_FILE).write_text(ClientSetup(client, cfg.run.seed, d.image_size).to_json())
+            generate_signing_key(folder / "ledger_key.pem", folder / "ledger_key.pub")
     (run_dir / "clients.json").write_text(json.dumps([c.name for c in cfg.clients]))
     write_json(run_dir / "run_record.json", {
         "run_id": f"{cfg.run.name}-{uuid.uuid4().hex[:12]}",

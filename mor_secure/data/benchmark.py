@@ -223,6 +223,14 @@ def make_server_sets(track: str, families: Sequence[str] | None, seed: int, imag
     return out
 
 
+def write_server_sets(out_dir: str | Path, *, track: str, seed: int, image_size: int, n_public: int,
+                      n_objective: int, n_eval: int, families: Sequence[str] | None = None) -> dict[str, str]:
+    """The server's part only (``out_dir/server/{public,objective,eval}``): what a server on the
+    deployment runtime writes, holding no client's data. Returns ``{split: path}``."""
+    server = make_server_sets(track, families, seed, image_size, n_public, n_objective, n_eval)
+    return {split: save_records(records, split, Path(out_dir) / "server" / split) for split, records in server.items()}
+
+
 def write_benchmark(out_dir: str | Path, *, track: str, seed: int, image_size: int,
                     clients: Sequence[tuple[str, Sequence[str], int]], n_public: int,
                     n_objective: int, n_eval: int, families: Sequence[str] | None = None,
@@ -254,9 +262,8 @@ def write_benchmark(out_dir: str | Path, *, track: str, seed: int, image_size: i
                                   foreign_label_noise, client_index=i, n_clients=len(clients),
                                   malformed_fraction=malformed_fraction)
         paths["clients"][name] = save_records(pairs, "pairs", out / "clients" / name / "data")
-    server = make_server_sets(track, families, seed, image_size, n_public, n_objective, n_eval)
-    for split, records in server.items():
-        paths["server"][split] = save_records(records, split, out / "server" / split)
+    paths["server"] = write_server_sets(out, track=track, seed=seed, image_size=image_size, n_public=n_public,
+                                        n_objective=n_objective, n_eval=n_eval, families=families)
     manifest = {
         "track": track, "seed": int(seed), "image_size": int(image_size),
         "clients": [{"name": n, "owned_families": list(o), "n_pairs": int(k)} for n, o, k in clients],
