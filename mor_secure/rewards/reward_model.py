@@ -27,6 +27,7 @@ from mor_secure.models.factory import VLM, load_vlm
 # with language-model adapters only, 0.85/0.72 with vision adapters too).
 LORA_TARGETS = (r".*(language_model|text_model|vision_tower\.encoder|vision_model\.encoder).*\."
                 r"(q_proj|k_proj|v_proj|o_proj|out_proj|gate_proj|up_proj|down_proj|fc1|fc2)")
+LEGACY_LORA_TARGETS = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 PROJECTOR_NAMES = ("multi_modal_projector", "connector")
 
 
@@ -38,16 +39,17 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
 class RewardModel(nn.Module):
     """Scalar reward over (image, question, response) for any supported VLM family."""
 
-    def __init__(self, vlm: VLM, *, lora_r: int = 16, seed: int = 0) -> None:
+    def __init__(self, vlm: VLM, *, lora_r: int = 16, seed: int = 0, lora_targets: str = LORA_TARGETS) -> None:
         super().__init__()
         self.vlm = vlm
         self.lora_r = lora_r
+        self.lora_targets = lora_targets
         backbone = vlm.model.model  # the VLM without its LM head
         for param in backbone.parameters():
             param.requires_grad_(False)
         torch.manual_seed(seed)
         inject_adapter_in_model(
-            LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules=LORA_TARGETS), backbone
+            LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules=lora_targets), backbone
         )
         for name, module in backbone.named_modules():
             if name.split(".")[-1] in PROJECTOR_NAMES:
@@ -79,13 +81,14 @@ class RewardModel(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         self.vlm.save(path / "backbone", weights=False)
         torch.save(self.state_dict(), path / "reward_model.pt")
-        (path / "reward_model.json").write_text(json.dumps({"lora_r": self.lora_r}))
+        (path / "reward_model.json").write_text(json.dumps({"lora_r": self.lora_r, "lora_targets": self.lora_targets}))
 
     @classmethod
     def load(cls, path: Path) -> "RewardModel":
         meta = json.loads((path / "reward_model.json").read_text())
         vlm = load_vlm(path / "backbone", weights=False)
-        model = cls(vlm, lora_r=meta["lora_r"])
+        # the adapters' placement is part of the architecture: an RM saved with other targets loads as saved
+        model = cls(vlm, lora_r=meta["lora_r"], lora_targets=meta.get("lora_targets", LEGACY_LORA_TARGETS))
         model.load_state_dict(torch.load(path / "reward_model.pt", weights_only=True))
         model.eval()
         return model
