@@ -8,7 +8,7 @@ from mor_secure.data import make_client_pairs, make_samples, vocabulary
 from mor_secure.errors import ConfigError
 from mor_secure.models.factory import build_vlm
 from mor_secure.privacy.events import DpSgdTraining
-from mor_secure.rewards.reward_model import RewardModel
+from mor_secure.rewards.reward_model import LORA_TARGETS, VISION_LORA_TARGETS, RewardModel
 from mor_secure.rewards.train import TrainSettings, pairwise_accuracy, plan_dpsgd, train_reward_model
 
 
@@ -22,12 +22,13 @@ def lora_state(rm: RewardModel) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in rm.named_parameters() if "lora_" in n}
 
 
-@pytest.mark.parametrize("family", ["llava", "idefics3", "paligemma"])
-def test_dp_sgd_changes_lora_and_learns_planted_preference(family):
-    rm = RewardModel(build_vlm(family, vocabulary(), seed=0), lora_r=4)
+@pytest.mark.parametrize("family,targets", [("llava", LORA_TARGETS), ("idefics3", LORA_TARGETS),
+                                            ("paligemma", LORA_TARGETS), ("paligemma", VISION_LORA_TARGETS)])
+def test_dp_sgd_changes_lora_and_learns_planted_preference(family, targets):
+    rm = RewardModel(build_vlm(family, vocabulary(), seed=0), lora_r=4, lora_targets=targets)
     before = lora_state(rm)
     events: list[DpSgdTraining] = []
-    settings = TrainSettings(epochs=3, batch_size=32, lr=0.5, dp=True, target_epsilon=8.0, delta=1e-5)
+    settings = TrainSettings(epochs=5, batch_size=32, lr=0.5, dp=True, target_epsilon=8.0, delta=1e-5)
     result = train_reward_model(rm, planted_pairs(256, seed=1), settings, authorize=events.append, progress=False)
     after = lora_state(rm)
     changed = [n for n in before if not torch.equal(before[n], after[n])]

@@ -35,7 +35,7 @@ from mor_secure.models.factory import build_vlm, load_vlm
 from mor_secure.privacy.budget import Budget, BudgetGuard
 from mor_secure.privacy.events import GaussianScoreRelease
 from mor_secure.privacy.ledger import Ledger, load_signing_key
-from mor_secure.rewards.reward_model import RewardModel
+from mor_secure.rewards.reward_model import LORA_TARGETS, VISION_LORA_TARGETS, RewardModel
 from mor_secure.rewards.train import TrainSettings, train_reward_model
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,8 @@ class ClientNode:
                                  target_epsilon=p.epsilon, delta=p.delta, max_grad_norm=p.max_grad_norm,
                                  seed=self.setup.seed)
         vlm = self.build_backbone()
-        rm = RewardModel(vlm, lora_r=t.lora_r, seed=self.setup.seed)
+        rm = RewardModel(vlm, lora_r=t.lora_r, seed=self.setup.seed,
+                         lora_targets=VISION_LORA_TARGETS if t.lora_vision else LORA_TARGETS)
         context = {"run_id": run_id, "phase": "rm_training", "purpose": "DP-SGD training of the reward model",
                    "client": self.name}
         train_reward_model(rm, pairs, settings, authorize=lambda ev: self._record(ev, context),
