@@ -271,6 +271,11 @@ def test_malformed_rejections_are_wrong_by_the_oracle_and_keep_the_chosen(track,
         words = p["rejected"].split()
         kinds["empty" if not words else "two words" if len(words) == 2 else "one word"] += 1
     assert set(kinds) == {"empty", "one word", "two words"}, kinds
+    # off-topic words come from the whole vocabulary, the other track's included: a policy can say any
+    other_track = {w for f in families_for_track("digits" if track == "shapes" else "shapes")
+                   for w in (*f.answers, *f.question.split(" "))} - {w for f in families_for_track(track)
+                                                                     for w in (*f.answers, *f.question.split(" "))}
+    assert any(set(p["rejected"].split()) & other_track for p in pairs)
     with pytest.raises(ConfigError, match="malformed_fraction"):
         make_client_pairs(track, owned, 10, seed=3, malformed_fraction=1.5)
 

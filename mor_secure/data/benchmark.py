@@ -37,7 +37,7 @@ import numpy as np
 
 from mor_secure.errors import ConfigError
 from mor_secure.data import digits, shapes
-from mor_secure.data.families import FAMILIES, check_track, families_for_track, get_family
+from mor_secure.data.families import FAMILIES, check_track, families_for_track, get_family, vocabulary
 from mor_secure.data.storage import load_split, save_records
 
 __all__ = [
@@ -112,13 +112,14 @@ def _wrong(family: str, answer: str, rng: np.random.Generator) -> str:
     return wrong[int(rng.integers(len(wrong)))]
 
 
-def _malformed(track: str, family: str, rng: np.random.Generator) -> str:
-    """A response that does not answer ``family``'s question: an off-topic word (another
-    family's answer or a question word), nothing at all, or an off-topic word before an answer.
+def _malformed(family: str, rng: np.random.Generator) -> str:
+    """A response that does not answer ``family``'s question: an off-topic word (any other word
+    of the vocabulary), nothing at all, or an off-topic word before an answer.
     Its first word is never one of ``family``'s answers, so the oracle scores it wrong."""
     own = set(FAMILIES[family].answers)
-    words = sorted({w for f in families_for_track(track) for w in (*f.answers, *f.question.split(" "))
-                    if first_word(w) and first_word(w) not in own})  # "?" alone is no word
+    # every word a policy could say (the shared vocabulary of both tracks), not just this track's:
+    # a reward model never shown "eight" for a colour question may score it highest
+    words = [w for w in vocabulary() if first_word(w) and first_word(w) not in own]  # "?" alone is no word
     off_topic = words[int(rng.integers(len(words)))]
     kind = int(rng.integers(3))
     if kind == 0:
@@ -184,7 +185,7 @@ def make_client_pairs(
         if is_foreign and rng.random() < foreign_label_noise:
             chosen, rejected = rejected, chosen
         if malformed_fraction and rng.random() < malformed_fraction:
-            rejected = _malformed(track, family, rng)
+            rejected = _malformed(family, rng)
         pairs.append({"image": s["image"], "family": family, "question": s["question"],
                       "chosen": chosen, "rejected": rejected})
     return pairs
