@@ -41,6 +41,7 @@ from mor_secure.errors import ConfigError
 from mor_secure.models.factory import build_vlm
 from mor_secure.privacy.accounting import epsilon_dpsgd
 from mor_secure.privacy.events import DpSgdTraining
+from mor_secure.privacy.planner import dpsgd_schedule
 from mor_secure.rewards.reward_model import RewardModel
 from mor_secure.rewards.train import TrainSettings, train_reward_model
 
@@ -129,9 +130,9 @@ def canary_margins(rm: RewardModel, canaries: CanarySet) -> np.ndarray:
 def _opacus_event(planned: DpSgdTraining, num_records: int, batch_size: int, epochs: int) -> DpSgdTraining:
     """The sampling Opacus actually runs: ``make_private`` turns a loader of ``ceil(N/B)`` batches
     into Poisson sampling at ``1/ceil(N/B)`` for ``ceil(N/B)`` steps per epoch."""
-    per_epoch = math.ceil(num_records / batch_size)
-    return DpSgdTraining(noise_multiplier=planned.noise_multiplier, sample_rate=1 / per_epoch,
-                         steps=epochs * per_epoch, max_grad_norm=planned.max_grad_norm, num_records=num_records)
+    sample_rate, _, steps = dpsgd_schedule(num_records, batch_size, epochs)
+    return DpSgdTraining(noise_multiplier=planned.noise_multiplier, sample_rate=sample_rate,
+                         steps=steps, max_grad_norm=planned.max_grad_norm, num_records=num_records)
 
 
 def run_setting(cfg: AuditConfig, canaries: CanarySet, base: list[dict], epsilon: float | None,

@@ -27,6 +27,7 @@ within each family.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import string
@@ -112,15 +113,23 @@ def _wrong(family: str, answer: str, rng: np.random.Generator) -> str:
     return wrong[int(rng.integers(len(wrong)))]
 
 
+@functools.cache
+def _off_topic(family: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(every other word a policy could say, the other families' answers) for ``family``. The
+    vocabulary is both tracks': a reward model never shown "eight" for a colour question may
+    score it highest. "?" alone is no word."""
+    own = set(FAMILIES[family].answers)
+    words = tuple(w for w in vocabulary() if first_word(w) and first_word(w) not in own)
+    others = tuple(a for f in FAMILIES.values() for a in f.answers if a not in own)
+    return words, others
+
+
 def _malformed(family: str, rng: np.random.Generator) -> str:
     """A response that does not answer ``family``'s question: an off-topic word (any other word
     of the vocabulary, or in particular another family's answer), nothing at all, or an
     off-topic word before an answer.
     Its first word is never one of ``family``'s answers, so the oracle scores it wrong."""
-    own = set(FAMILIES[family].answers)
-    # every word a policy could say (the shared vocabulary of both tracks), not just this track's:
-    # a reward model never shown "eight" for a colour question may score it highest
-    words = [w for w in vocabulary() if first_word(w) and first_word(w) not in own]  # "?" alone is no word
+    words, others = _off_topic(family)
     off_topic = words[int(rng.integers(len(words)))]
     kind = int(rng.integers(4))
     if kind == 0:
@@ -128,7 +137,6 @@ def _malformed(family: str, rng: np.random.Generator) -> str:
     if kind == 1:
         return ""
     if kind == 2:  # another family's answer: the off-topic word a policy finds first (measured)
-        others = [a for f in FAMILIES.values() for a in f.answers if a not in own]
         return others[int(rng.integers(len(others)))]
     answers = FAMILIES[family].answers
     return f"{off_topic} {answers[int(rng.integers(len(answers)))]}"
