@@ -1,6 +1,7 @@
 """The ``mor-secure`` command.
 
   mor-secure run CONFIG [--set key=value ...] [--run-dir DIR]   run MoR end to end (simulation)
+  mor-secure run --resume RUN_DIR                                continue a stopped run from its last checkpoint
   mor-secure ledger verify LEDGER --key PUBKEY                   check a ledger's chain and signatures
   mor-secure report RUN_DIR                                      write the privacy-accounting report
   mor-secure budget plan --epsilon E --delta D --records N ...   plan noise before anything runs
@@ -24,8 +25,18 @@ from mor_secure.quiet import quiet_libraries
 
 def cmd_run(args: argparse.Namespace) -> int:
     from mor_secure.config import load_config
-    from mor_secure.runner import finish, prepare_run, simulate
+    from mor_secure.errors import ConfigError
+    from mor_secure.runner import finish, prepare_run, resume_run, simulate
 
+    if args.resume:
+        if args.config or args.set or args.run_dir:
+            raise ConfigError("--resume RUN_DIR continues a run with the config in RUN_DIR/config.yaml; "
+                              "give no CONFIG, --set or --run-dir with it")
+        run_dir = resume_run(Path(args.resume), progress=not args.no_progress)
+        print(finish(run_dir), flush=True)
+        return 0
+    if not args.config:
+        raise ConfigError("mor-secure run needs a CONFIG (e.g. configs/demo.yaml), or --resume RUN_DIR")
     cfg = load_config(args.config, args.set)
     if cfg.federation.mode != "simulation":
         raise MorSecureError("mor-secure run drives the simulation; for deployment see README 'Across machines'")
@@ -143,10 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run MoR end to end in Flower's simulation engine")
-    run.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    run.add_argument("config", nargs="?", help="YAML config, e.g. configs/demo.yaml")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set grpo.steps=10 (repeatable)")
     run.add_argument("--run-dir", help="run folder to create (default: <run.output_dir>/<name>-<time>)")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue a stopped run: completed phases are skipped, GRPO continues from its last "
+                          "checkpoint, clients keep their reward models and ledgers")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
 

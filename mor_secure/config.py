@@ -157,6 +157,9 @@ class GrpoSection(_Strict):
     lr: float = Field(2e-3, gt=0)
     max_completion_length: int = Field(3, ge=1)
     temperature: float = Field(1.0, gt=0)
+    checkpoint_steps: int = Field(
+        25, ge=0, description="Save a GRPO checkpoint every N steps; `mor-secure run --resume` continues "
+                              "from the last one (0: none, a resumed GRPO starts over).")
 
 
 class FederationSection(_Strict):

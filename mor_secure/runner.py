@@ -114,6 +114,24 @@ def simulate(run_dir: Path, *, progress: bool = True) -> dict:
     return record
 
 
+def resume_run(run_dir: Path, *, progress: bool = True) -> Path:
+    """``mor-secure run --resume``: check ``run_dir`` is a stopped run, then simulate it again;
+    the server skips the phases it completed (``federation/resume.py``)."""
+    from mor_secure.federation.resume import check_resumable
+
+    run_dir = Path(run_dir).resolve()
+    record = check_resumable(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    if cfg.federation.mode != "simulation":
+        raise ConfigError(f"--resume {run_dir}: a deployment run resumes by running `flwr run` again with the "
+                          "same run-dir (see README 'Across machines')")
+    done = record.get("phases_completed", [])
+    print(f"resuming run folder: {run_dir} (status {record.get('status')!r}; phases completed: "
+          f"{', '.join(done) or 'none'})", flush=True)
+    simulate(run_dir, progress=progress)
+    return run_dir
+
+
 def harness_rm_accuracy(run_dir: Path) -> dict:
     """Benchmark harness (not part of the protocol): each client RM's pairwise accuracy on fresh
     held-out pairs of its own families. Read from the client folders after the run; never sent."""

@@ -104,8 +104,15 @@ def build_dataset(images: Sequence[Image.Image], questions: Sequence[str], famil
 
 
 def run_grpo(policy: VLM, dataset: Dataset, reward: MixtureReward, cfg: GrpoSection, *, out_dir: Path,
-             seed: int, progress: bool = True) -> list[dict]:
-    """Train ``policy.model`` in place; returns the per-step reward/KL history."""
+             seed: int, progress: bool = True, checkpoint_steps: int = 0,
+             resume_from: Path | None = None) -> list[dict]:
+    """Train ``policy.model`` in place; returns the per-step reward/KL history (of the steps run here).
+
+    ``checkpoint_steps`` > 0: TRL saves a checkpoint (policy, optimiser, scheduler, RNG and trainer
+    state) under ``out_dir`` every that many steps, the last two kept. ``resume_from``: continue
+    from such a checkpoint (weights, optimiser and step count restored; the history returned then
+    starts after it).
+    """
     args = GRPOConfig(
         output_dir=str(out_dir),
         use_cpu=True,
@@ -122,7 +129,9 @@ def run_grpo(policy: VLM, dataset: Dataset, reward: MixtureReward, cfg: GrpoSect
         temperature=cfg.temperature,
         beta=cfg.beta,  # > 0: TRL keeps a frozen reference and adds the KL penalty
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps" if checkpoint_steps else "no",
+        save_steps=max(1, checkpoint_steps),
+        save_total_limit=2,
         report_to="none",
         use_vllm=False,
         dataloader_num_workers=0,
@@ -136,7 +145,7 @@ def run_grpo(policy: VLM, dataset: Dataset, reward: MixtureReward, cfg: GrpoSect
         trainer.remove_callback(cb)
     if trainer.beta <= 0 or trainer.ref_model is None:
         raise RuntimeError("GRPO must run with a frozen reference and beta > 0; check grpo.beta")
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     policy.model = trainer.model
     policy.model.eval()
     return curve.history

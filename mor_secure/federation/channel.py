@@ -91,7 +91,7 @@ class Channel:
         """Send ``req`` to every client not exhausted; the contents of the replies that came back
         without error from the node they claim, by client name. Everything else is noted."""
         content = P.encode_score_request(req)
-        targets = [n for n in self.order if n not in self.exhausted]
+        targets = [n for n in self.order if n not in self.exhausted and n in self.clients]
         msgs = [Message(content=content, message_type="query.score", dst_node_id=self.clients[n].node_id)
                 for n in targets]
         self.bytes_sent += len(targets) * (req.images.nbytes + sum(len(r) for r in req.responses))

@@ -2,7 +2,9 @@
 
 Everything the server uses is either its own (public prompts, objective set, evaluation set,
 its policy) or came through the reward channel as clipped, noised scores. Every phase writes
-its metrics to the run folder as soon as it ends, so a crash loses at most the phase in flight.
+its metrics to the run folder as soon as it ends, so a crash loses at most the phase in flight;
+``run()`` skips the phases a stopped run completed and GRPO continues from its last checkpoint
+(``mor-secure run --resume``; see ``federation/resume.py``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -21,7 +24,9 @@ from mor_secure.alignment.grpo import MixtureReward, build_dataset, run_grpo
 from mor_secure.alignment.policy import generate_answers, oracle_accuracy, prompt_features, warmup
 from mor_secure.config import RunConfig, load_config
 from mor_secure.data import load_split, vocabulary
+from mor_secure.errors import ConfigError
 from mor_secure.federation.channel import Channel, EncryptedMixtureReward, server_public_context
+from mor_secure.federation.resume import RunLock, checkpoint_history, checkpoint_step, last_checkpoint
 from mor_secure.models.factory import build_vlm, load_vlm
 from mor_secure.rewards.router import Router, fit_router, masked_weights
 
@@ -89,6 +94,30 @@ class Orchestrator:
         self.save_record(clients=info, model_classes=sorted({c["model_class"] for c in info.values()}))
         self.done("rm_training", t, {"clients": info})
 
+    def reconnect_clients(self) -> None:
+        """Phase 1 ended before a resume: learn the clients' (new) node ids. A client whose RM is
+        on its disk answers without training or writing to its ledger; one that does not answer,
+        or answers differently from phase 1, is left out of the mixture (noted)."""
+        log.info("resume: phase 1 already done; asking clients for their reward models on disk")
+        if self.progress:
+            print(f"[{time.strftime('%H:%M:%S')}] resume: phase 1 already done; clients answer from their disks",
+                  flush=True)
+        clients = self.channel.train_all(timeout_s=max(3600.0, self.cfg.federation.round_timeout_s))
+        for name, info in self.record.get("clients", {}).items():
+            now = clients.get(name)
+            if now is None:
+                self.channel.note("dropped", client=name, phase="resume", reason="did not answer on resume")
+            elif (now.hello.model_class, now.hello.clip_bound, now.hello.noise_std) != (
+                    info["model_class"], info["clip_bound"], info["noise_std"]):
+                self.channel.note("rejected", client=name, phase="resume",
+                                  reason="answers differently from phase 1 (model class, clip bound or noise)")
+                del clients[name]
+        for name in set(clients) - set(self.record.get("clients", {})):  # joined after phase 1: no RM in the run
+            del clients[name]
+        self.channel.order = sorted(self.record.get("clients", {}))
+        if not clients:
+            raise RuntimeError("no client answered on resume; see events.jsonl for each client's reason")
+
     # -- base policy ------------------------------------------------------------------------------
     def base_policy(self):
         t = self.phase("warmup")
@@ -135,6 +164,13 @@ class Orchestrator:
                                     "scale": router.scale.tolist(), "clients_present": p.any(0).tolist()})
         return router
 
+    def load_policy(self, folder: str):
+        """A policy the run saved (``policy_base`` or ``policy_aligned``), as GRPO expects it."""
+        policy = load_vlm(self.run_dir / folder)
+        policy.model.config._name_or_path = str(self.run_dir / "policy_base")  # TRL's frozen reference
+        policy.model.eval()
+        return policy
+
     # -- phase 3 ----------------------------------------------------------------------------------
     def align(self, policy, reference, router: Router) -> list[dict]:
         t = self.phase("grpo")
@@ -151,12 +187,24 @@ class Orchestrator:
         else:
             reward = MixtureReward(scorer, router, feats, images, questions)
         dataset = build_dataset(images, questions, [r["family"] for r in self.public])
-        history = run_grpo(policy, dataset, reward, self.cfg.grpo, out_dir=self.run_dir / "grpo_trainer",
-                           seed=self.cfg.run.seed, progress=self.progress)
+        trainer_dir = self.run_dir / "grpo_trainer"
+        resume_from = last_checkpoint(trainer_dir)  # a stopped run's GRPO continues from here
+        if resume_from is not None:
+            log.info("resume: GRPO continues from %s", resume_from)
+            self.save_record(grpo_resumed_from=[*self.record.get("grpo_resumed_from", []),
+                                                checkpoint_step(resume_from)])
+        history = run_grpo(policy, dataset, reward, self.cfg.grpo, out_dir=trainer_dir,
+                           seed=self.cfg.run.seed, progress=self.progress,
+                           checkpoint_steps=self.cfg.grpo.checkpoint_steps, resume_from=resume_from)
+        if resume_from is not None:  # steps before the checkpoint were logged by the stopped run
+            history = checkpoint_history(resume_from) + history
         policy.save(self.run_dir / "policy_aligned")
         self.done("grpo", t, {"history": history, "bytes_sent_to_clients": self.channel.bytes_sent,
                               "encryption": self.cfg.federation.encryption,
-                              "ciphertext_bytes": self.channel.ciphertext_bytes})
+                              "ciphertext_bytes": self.channel.ciphertext_bytes,
+                              "resumed_from_step": checkpoint_step(resume_from) if resume_from else None})
+        for ckpt in trainer_dir.glob("checkpoint-*"):  # policy_aligned is saved: checkpoints are spent
+            shutil.rmtree(ckpt, ignore_errors=True)
         return history
 
     # -- evaluation -------------------------------------------------------------------------------
@@ -185,27 +233,57 @@ class Orchestrator:
         return result
 
     def run(self) -> dict:
-        self.save_record(status="running", started=time.time())
-        self.train_clients()
-        policy = self.base_policy()
+        """Every phase in order, skipping those ``phases_completed`` lists (a resumed run)."""
+        if self.record.get("status") == "completed":
+            raise ConfigError(f"run {self.run_dir} already completed; start a new run with `mor-secure run CONFIG`")
+        done = list(self.record.get("phases_completed", []))
+        if done:
+            log.info("resume: phases already completed: %s", ", ".join(done))
+            if self.progress:
+                print(f"[{time.strftime('%H:%M:%S')}] resuming run {self.record['run_id']}: "
+                      f"phases already completed: {', '.join(done)}", flush=True)
+            self.save_record(status="running", resumed=[*self.record.get("resumed", []),
+                                                        {"time": time.time(), "phases_completed": done}])
+        else:
+            self.save_record(status="running", started=time.time())
+        # clients that refused for budget before the stop stay out: their budget does not come back
+        self.channel.exhausted.update(self.record.get("left_mixture", []))
+        if "rm_training" in done:
+            self.reconnect_clients()
+        else:
+            self.train_clients()
+        policy = self.load_policy("policy_base") if "warmup" in done else self.base_policy()
         reference = copy.deepcopy(policy)  # frozen copy: router features and the base-policy evaluation
         reference.model.requires_grad_(False)
-        router = self.fit_router(reference)
-        self.align(policy, reference, router)
-        result = self.evaluate(reference, policy, router)
+        if "router_fit" in done:
+            router = Router.load(self.run_dir / "router.pt")
+            self.channel.order = list(router.clients)
+        else:
+            router = self.fit_router(reference)
+        if "grpo" in done:
+            policy = self.load_policy("policy_aligned")
+        else:
+            self.align(policy, reference, router)
+        if "evaluation" in done:
+            result = json.loads((self.metrics_dir / "evaluation.json").read_text())
+        else:
+            result = self.evaluate(reference, policy, router)
         self.save_record(status="completed", finished=time.time())
         return result
 
 
 def run_server(run_dir: Path, grid: Grid, progress: bool = True) -> None:
-    orch = None
-    try:
-        orch = Orchestrator(run_dir, grid, progress=progress)
-        orch.run()
-    except BaseException as exc:
-        log.exception("server run failed")
-        record_path = Path(run_dir) / "run_record.json"
-        record = json.loads(record_path.read_text()) if record_path.exists() else {}
-        record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        write_json(record_path, record)
-        raise
+    """Run (or resume) the server's phases on ``run_dir``. A folder another server holds, or a run
+    that already completed, is refused without touching its record."""
+    record_path = Path(run_dir) / "run_record.json"
+    with RunLock(run_dir):  # one server per run folder; the kernel releases it if this process dies
+        if record_path.exists() and json.loads(record_path.read_text()).get("status") == "completed":
+            raise ConfigError(f"run {run_dir} already completed; start a new run with `mor-secure run CONFIG`")
+        try:
+            Orchestrator(run_dir, grid, progress=progress).run()
+        except BaseException as exc:
+            log.exception("server run failed")
+            record = json.loads(record_path.read_text()) if record_path.exists() else {}
+            record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            write_json(record_path, record)
+            raise
