@@ -21,7 +21,8 @@ from mor_secure.models.factory import SIZES
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinity are refused in every float field (a NaN passes no bound and ``inf`` passes ``gt=0``)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class RunSection(_Strict):
@@ -190,8 +191,8 @@ class RunConfig(_Strict):
                     raise ValueError(f"clients[{i}].families: unknown family {fam!r}; known: {sorted(FAMILIES)}")
                 if fam not in track_families:
                     raise ValueError(
-                        f"clients[{i}].families: {fam!r} is not a {self.data.track!r} family; "
-                        f"use one of {sorted(track_families)}")
+                        f"clients[{i}].families: {fam!r} is not a family of data.track {self.data.track!r}; "
+                        f"use one of {sorted(track_families)} or another data.track")
         return self
 
     @property
@@ -238,7 +239,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"config file {str(path)!r} not found; pass a file from configs/ (e.g. configs/demo.yaml)")
     try:
         data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: bad dates, non-UTF-8 bytes
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
     for item in overrides or []:
         apply_override(data, item)
@@ -249,20 +250,20 @@ def apply_override(data: dict, item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r} must look like section.field=value (e.g. grpo.steps=10)")
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML: {exc}") from None
     parts = key.split(".")
     node: Any = data
-    for part in parts[:-1]:
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"override {item!r}: {part!r} is not a valid index into a list of {len(node)}")
-            node = node[int(part)]
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth]) or "the config file's top level"
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {item!r}: {where} is a {type(node).__name__}, not a section or list, "
+                              f"so it has no field {part!r}")
+        if isinstance(node, list) and (not part.isdigit() or int(part) >= len(node)):
+            raise ConfigError(f"override {item!r}: {part!r} is not a valid index into {where}, a list of {len(node)}")
+        if depth == len(parts) - 1:
+            node[int(part) if isinstance(node, list) else part] = value
         else:
-            node = node.setdefault(part, {})
-    last = parts[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"override {item!r}: {last!r} is not a valid list index")
-        node[int(last)] = value
-    else:
-        node[last] = value
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})

@@ -5,7 +5,8 @@ A test calls ``record("tests/test_x.py::test_y", bad_inputs=1, ...)`` after its 
 variable ``MOR_HARDENING_OUT`` names a folder: ``scripts/hardening_table.py`` sets it, runs the
 tests, and builds the table from the JSON lines found there. Figures:
 
-  bad_inputs           malformed or hostile inputs fed to a decoder or parser, each refused or parsed
+  inputs               inputs fed to a decoder or parser (fuzzed ones may be valid)
+  bad_inputs           of those, the malformed or hostile ones, each refused with a reason
   faults               faults injected (a process killed, a client silenced or raising)
   runs / runs_finished runs (GRPO loops, server runs, client processes) started / that finished
   ledger_entries_lost  ledger entries written before a fault and missing after it
@@ -18,7 +19,7 @@ import os
 import time
 from pathlib import Path
 
-FIELDS = ("bad_inputs", "faults", "runs", "runs_finished", "ledger_entries_lost")
+FIELDS = ("inputs", "bad_inputs", "faults", "runs", "runs_finished", "ledger_entries_lost")
 
 
 def record(test: str, **figures: int) -> None:
