@@ -16,6 +16,7 @@ import pytest
 import yaml
 from flwr.app import Array, Message
 from flwr.clientapp import ClientApp
+from helpers.hardening import record
 
 from mor_secure.config import parse_config
 from mor_secure.crypto import ckks
@@ -185,6 +186,7 @@ def test_bad_replies_exclude_that_client_for_that_step(world, tmp_path, mode, re
     mask = np.array([True, False, True])
     want = (weights(np.broadcast_to(mask, plain.shape)) * plain * mask).sum(axis=1)
     np.testing.assert_allclose(reward, want, atol=1e-4, rtol=0)
+    record("tests/test_ckks_channel.py::test_bad_replies_exclude_that_client_for_that_step", inputs=1, bad_inputs=1)
 
 
 def test_server_refuses_a_private_context(world, tmp_path):
@@ -233,6 +235,7 @@ def test_malformed_decrypt_requests_are_refused(mutate, fragment):
     mutate(content)
     with pytest.raises(ProtocolError, match=fragment):
         P.decode_decrypt_request(content)
+    record("tests/test_ckks_channel.py::test_malformed_decrypt_requests_are_refused", inputs=1, bad_inputs=1)
 
 
 def test_aggregate_outside_the_declared_range_is_rejected():
@@ -243,6 +246,8 @@ def test_aggregate_outside_the_declared_range_is_rejected():
                           (np.array([1.0, 2.0]), "1-D float array of 3")]:
         with pytest.raises(ProtocolError, match=fragment):
             P.decode_aggregate(P.encode_aggregate("a", bad), expected=3, limit=limit)
+        record("tests/test_ckks_channel.py::test_aggregate_outside_the_declared_range_is_rejected",
+               inputs=1, bad_inputs=1)
 
 
 def test_context_census_tells_private_from_public():

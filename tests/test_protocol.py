@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from helpers.hardening import record
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,6 +36,7 @@ def test_malformed_requests_are_refused(mutate, fragment):
     mutate(content)
     with pytest.raises(ProtocolError, match=fragment.replace(".", r"\.")):
         P.decode_score_request(content)
+    record("tests/test_protocol.py::test_malformed_requests_are_refused", inputs=1, bad_inputs=1)
 
 
 @pytest.mark.parametrize("scores,fragment", [
@@ -48,6 +50,7 @@ def test_bad_scores_are_rejected(scores, fragment):
     content = RecordDict({"out": ArrayRecord({"scores": Array(scores)}), "meta": ConfigRecord({"client": "a"})})
     with pytest.raises(ProtocolError, match=fragment):
         P.decode_scores(content, expected=3, limit=P.score_limit(5.0, 0.1))
+    record("tests/test_protocol.py::test_bad_scores_are_rejected", inputs=1, bad_inputs=1)
 
 
 def test_hello_checks_declared_bounds():
@@ -71,5 +74,77 @@ def test_fuzzed_requests_never_crash_unexpectedly(cfg, n_images, n_index):
     try:
         req = P.decode_score_request(content)
     except ProtocolError:
+        record("tests/test_protocol.py::test_fuzzed_requests_never_crash_unexpectedly", inputs=1, bad_inputs=1)
         return
     assert len(req.responses) == len(req.image_index) > 0 and len(req.questions) == len(req.images)
+    record("tests/test_protocol.py::test_fuzzed_requests_never_crash_unexpectedly", inputs=1)
+
+
+# -- replies and decrypt requests: any content decodes to checked values or raises ProtocolError ----------
+
+def _np_array(dtype, shape, fill):
+    with np.errstate(all="ignore"):  # NaN or 1e30 cast to an integer dtype: any value will do
+        return np.full(shape, fill).astype(dtype) if np.issubdtype(np.dtype(dtype), np.number) else np.zeros(shape, dtype)
+
+
+arrays = st.one_of(
+    # well-formed arrays of any dtype and shape, values at the edges
+    st.builds(lambda dtype, shape, fill: Array(_np_array(dtype, shape, fill)),
+              st.sampled_from(["float32", "float64", "float16", "int64", "uint8", "bool", "complex64"]),
+              st.lists(st.integers(0, 4), max_size=3).map(tuple),
+              st.sampled_from([0.0, 1.0, -3.0, 1e30, float("nan"), float("inf")])),
+    # arrays whose header does not match their bytes, or whose bytes are not an array at all
+    st.builds(lambda dtype, shape, stype, data: Array(dtype=dtype, shape=shape, stype=stype, data=data),
+              st.sampled_from(["float32", "float64", "uint8", "object", "x"]),
+              st.lists(st.integers(0, 8), max_size=2).map(tuple),
+              st.sampled_from(["numpy.ndarray", "torch.Tensor", ""]), st.binary(max_size=64)),
+    # a valid .npy of another array under a misleading header
+    st.builds(lambda n: Array(dtype="float32", shape=(3,), stype="numpy.ndarray",
+                              data=Array(np.arange(n, dtype=np.int8)).data), st.integers(0, 5)),
+)
+config_values = st.one_of(st.text(max_size=5), st.integers(-5, 2**40), st.floats(), st.booleans(), st.binary(max_size=8),
+                          st.lists(st.floats(), max_size=3), st.lists(st.text(max_size=3), max_size=3))
+KEYS = ["scores", "ciphertext", "aggregate", "client", "model_class", "clip_bound", "noise_std", "dp_sgd", "run_id",
+        "phase", "length", "x"]
+records = st.one_of(
+    st.dictionaries(st.sampled_from(KEYS), arrays, max_size=3).map(ArrayRecord),
+    st.dictionaries(st.sampled_from(KEYS), config_values, max_size=4).map(ConfigRecord),
+)
+contents = st.dictionaries(st.sampled_from(["out", "meta", "data", "cfg"]), records, max_size=4).map(RecordDict)
+
+
+def _decoders(n: int):
+    limit = P.score_limit(5.0, 0.1)
+    return {
+        "scores": lambda c: P.decode_scores(c, expected=n, limit=limit),
+        "hello": P.decode_hello,
+        "client": P.client_name,
+        "encrypted": lambda c: P.decode_encrypted_scores(c, max_bytes=64),
+        "aggregate": lambda c: P.decode_aggregate(c, expected=n, limit=np.full(n, limit)),
+        "decrypt_request": lambda c: P.decode_decrypt_request(c, max_bytes=64),
+        "score_request": P.decode_score_request,
+    }
+
+
+@settings(max_examples=400, deadline=None)
+@given(contents, st.integers(1, 4), st.sampled_from(list(_decoders(1))))
+def test_fuzzed_replies_and_requests_decode_or_raise_protocol_error(content, n, decoder):
+    """A client (or server) can put anything in a message: records of either kind under any name,
+    arrays of any dtype and shape, NaN/inf, bytes that are no array at all. Every decoder returns
+    a checked value or raises ProtocolError; nothing else reaches the caller."""
+    try:
+        out = _decoders(n)[decoder](content)
+    except ProtocolError as exc:
+        assert str(exc)
+        record("tests/test_protocol.py::test_fuzzed_replies_and_requests_decode_or_raise_protocol_error",
+               inputs=1, bad_inputs=1)
+        return
+    if decoder in ("scores", "aggregate"):
+        assert out.shape == (n,) and np.all(np.isfinite(out)) and np.abs(out).max() <= P.score_limit(5.0, 0.1)
+    elif decoder == "hello":
+        assert out.clip_bound > 0 and np.isfinite(out.clip_bound) and out.noise_std >= 0 and out.client
+    elif decoder in ("encrypted",):
+        assert isinstance(out, bytes) and 0 < len(out) <= 64
+    elif decoder == "decrypt_request":
+        assert 0 < len(out.ciphertext) <= 64 and 1 <= out.length <= P.MAX_ITEMS
+    record("tests/test_protocol.py::test_fuzzed_replies_and_requests_decode_or_raise_protocol_error", inputs=1)

@@ -83,6 +83,18 @@ def _field(content: RecordDict, record: str, key: str):
         raise ProtocolError(f"message is missing {record}.{key}") from None
 
 
+def _array(content: RecordDict, record: str, key: str) -> np.ndarray:
+    """``record.key`` as a numpy array; ProtocolError if it is not an Array or its bytes are not one
+    (wrong serialisation type, a header that does not match, an object array, truncated data)."""
+    arr = _field(content, record, key)
+    if not isinstance(arr, Array):
+        raise ProtocolError(f"{record}.{key} must be an array; found {type(arr).__name__}")
+    try:
+        return arr.numpy()
+    except Exception as exc:  # noqa: BLE001 - whatever numpy makes of foreign bytes, the message is refused
+        raise ProtocolError(f"{record}.{key} is not a decodable array: {type(exc).__name__}: {exc}") from None
+
+
 def _str_list(value, name: str) -> list[str]:
     if isinstance(value, str) or not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ProtocolError(f"{name} must be a list of strings")
@@ -92,10 +104,11 @@ def _str_list(value, name: str) -> list[str]:
 
 
 def decode_score_request(content: RecordDict) -> ScoreRequest:
-    images = _field(content, "data", "images").numpy()
-    index = _field(content, "data", "image_index").numpy()
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ProtocolError(f"data.images must be uint8 of shape (M, H, W, 3); found {images.dtype} {images.shape}")
+    images = _array(content, "data", "images")
+    index = _array(content, "data", "image_index")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or min(images.shape[1:3]) < 1:
+        raise ProtocolError(f"data.images must be uint8 of shape (M, H, W, 3), H, W >= 1; found {images.dtype} "
+                            f"{images.shape}")
     questions = _str_list(_field(content, "cfg", "questions"), "cfg.questions")
     responses = _str_list(_field(content, "cfg", "responses"), "cfg.responses")
     if not responses:
@@ -128,7 +141,7 @@ def score_limit(clip_bound: float, noise_std: float) -> float:
 
 def decode_scores(content: RecordDict, *, expected: int, limit: float) -> np.ndarray:
     """A client's plaintext scores, checked: finite, the expected length, within +-limit."""
-    scores = _field(content, "out", "scores").numpy()
+    scores = _array(content, "out", "scores")
     if scores.ndim != 1 or scores.dtype.kind != "f":
         raise ProtocolError(f"out.scores must be a 1-D float array; found {scores.dtype} {scores.shape}")
     if len(scores) != expected:
@@ -198,7 +211,10 @@ def _array_bytes(content: RecordDict, record: str, key: str, max_bytes: int) -> 
         raise ProtocolError(f"{record}.{key} must be uint8; found {arr.dtype}")
     if len(arr.shape) != 1 or not 0 < arr.shape[0] <= max_bytes:
         raise ProtocolError(f"{record}.{key} must hold 1..{max_bytes} bytes; found shape {arr.shape}")
-    return arr.numpy().tobytes()
+    data = _array(content, record, key)  # the header above is the sender's claim; check the bytes too
+    if data.dtype != np.uint8 or data.shape != tuple(arr.shape):
+        raise ProtocolError(f"{record}.{key} must hold uint8 bytes as declared; found {data.dtype} {data.shape}")
+    return data.tobytes()
 
 
 def encode_encrypted_scores(client: str, ciphertext: bytes) -> RecordDict:
@@ -249,7 +265,7 @@ def encode_aggregate(client: str, values: np.ndarray) -> RecordDict:
 def decode_aggregate(content: RecordDict, *, expected: int, limit: np.ndarray) -> np.ndarray:
     """The decryptor's plaintext aggregate, checked: finite, length ``expected``, and
     ``|value_i| <= limit_i`` (the largest |Σ_k w_ik s_ik| the declared score ranges allow)."""
-    values = _field(content, "out", "aggregate").numpy()
+    values = _array(content, "out", "aggregate")
     if values.ndim != 1 or values.dtype.kind != "f" or len(values) != expected:
         raise ProtocolError(f"out.aggregate must be a 1-D float array of {expected}; found {values.dtype} {values.shape}")
     if not np.all(np.isfinite(values)):
