@@ -8,6 +8,7 @@
   mor-secure provision OUT --clients a,b,c [--hosts ...]         issue per-party kits (TLS, node auth, CKKS)
   mor-secure client init CONFIG --name N --out DIR [--kit KIT]   prepare a SuperNode's own client folder
   mor-secure bench ckks [--clients 3,16] [--steps S]             CKKS aggregation cost per GRPO step
+  mor-secure bench perf [--repeats N] [--clients 3,...,64] [--quick]  DP-SGD, Flower and scaling ratios
   mor-secure audit privacy CONFIG [--out JSON]                   one-run canary audit: epsilon lower bounds
 """
 
@@ -147,6 +148,33 @@ def cmd_bench_ckks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_perf(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from mor_secure.bench import perf
+
+    def ints(text: str) -> tuple[int, ...]:
+        return tuple(int(c) for c in text.split(",") if c)
+
+    if args.quick:
+        parts = {k: dict(v) for k, v in perf.QUICK.items()}
+    else:
+        parts = {"dpsgd": {"repeats": args.repeats, "steps": args.dpsgd_steps, "batch_size": args.batch_size,
+                           "modes": tuple(m for m in args.modes.split(",") if m)},
+                 "grpo": {"clients": args.grpo_clients, "steps": args.grpo_steps, "repeats": args.grpo_repeats,
+                          "transport": args.transport},
+                 "rounds": {"counts": ints(args.clients), "repeats": args.repeats, "engine": args.engine}}
+    out = Path(args.out) if args.out else (None if args.quick else perf.default_out())
+    command = "mor-secure bench perf " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "perf"] else [])
+    result, body = perf.run(command=command.strip(), out=out, progress=not args.no_progress, **parts)
+    print(body)
+    if out is not None:
+        print(f"written: section 'perf' of {out}")
+    if args.json:
+        Path(args.json).write_text(_json.dumps(result, indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mor-secure", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -220,6 +248,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench_ckks.add_argument("--repeats", type=int, default=2, help="runs per mode (medians are reported)")
     bench_ckks.add_argument("--out", help="also write the Markdown table to this file")
     bench_ckks.set_defaults(func=cmd_bench_ckks)
+    bench_perf = bench.add_parser("perf", help="DP-SGD vs non-private RM step, GRPO step with rewards through "
+                                  "Flower (TLS) vs in-process, one Flower round with 3..64 clients")
+    bench_perf.add_argument("--repeats", type=int, default=3, help="repeats of (a) and (c) (medians are reported)")
+    bench_perf.add_argument("--clients", default="3,8,16,32,64", help="client counts for the Flower round (c)")
+    bench_perf.add_argument("--engine", choices=["simulation", "inproc"], default="simulation",
+                            help="(c) in Flower's simulation engine (Ray) or an in-process grid")
+    bench_perf.add_argument("--modes", default="hooks,functorch,ew,ghost", help="Opacus grad-sample modes for (a)")
+    bench_perf.add_argument("--batch-size", type=int, default=256, help="(a) RM batch size (demo: 256)")
+    bench_perf.add_argument("--dpsgd-steps", type=int, default=6, help="(a) steps per training run (at least 3)")
+    bench_perf.add_argument("--grpo-clients", type=int, default=3, help="(b) clients")
+    bench_perf.add_argument("--grpo-steps", type=int, default=3, help="(b) GRPO steps per run (at least 2)")
+    bench_perf.add_argument("--grpo-repeats", type=int, default=2, help="(b) runs per side")
+    bench_perf.add_argument("--transport", choices=["tls", "grid"], default="tls",
+                            help="(b) Flower's deployment runtime over TLS on loopback, or the in-process grid only")
+    bench_perf.add_argument("--quick", action="store_true",
+                            help="tiny sizes, seconds (smoke); writes only with an explicit --out")
+    bench_perf.add_argument("--out", help="BENCHMARKS.md whose 'perf' section is replaced "
+                            "(default: the repository's BENCHMARKS.md)")
+    bench_perf.add_argument("--json", help="also write the raw results as JSON")
+    bench_perf.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bench_perf.set_defaults(func=cmd_bench_perf)
 
     audit = sub.add_parser("audit", help="privacy audits").add_subparsers(dest="audit_cmd", required=True)
     audit_privacy = audit.add_parser("privacy", help="one-run canary audit of DP-SGD reward-model training "
