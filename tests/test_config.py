@@ -41,6 +41,7 @@ def test_demo_and_smoke_configs_are_valid():
 def test_bad_values_name_the_field(path, value, fragment):
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.").replace("(", r"\(")):
         parse_config(_with(path, value), "test")
+    record("tests/test_config.py::test_bad_values_name_the_field", inputs=1, bad_inputs=1)
 
 
 def test_unknown_key_is_rejected():

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.hardening import record
 from helpers.independent import pld_epsilon
 
 from mor_secure.compliance.report import write_report
@@ -158,6 +159,19 @@ def check_folder(folder: Path, wire: list[dict], *, final: bool) -> float:
     return reported
 
 
+def _lost_entries(folder: Path, committed: dict) -> int:
+    """Committed entries of ``folder``'s ledger seen at its previous check that are not now at the
+    same line, unchanged; updates ``committed``."""
+    path = folder / "ledger.jsonl"
+    if not path.exists():
+        return len(committed.get(folder, []))
+    pairs, _ = read_ledger(path, load_public_key(folder / "ledger_key.pub"))
+    now = path.read_bytes().split(b"\n")[: len(pairs)]
+    before = committed.get(folder, [])
+    committed[folder] = now
+    return sum(1 for i, line in enumerate(before) if i >= len(now) or now[i] != line)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("crash")
@@ -187,6 +201,7 @@ def test_sigkill_during_training_and_scoring_never_under_reports(run_dir):
     wires = {name: run_dir / f"wire-{name}.jsonl" for name in CLIENTS}
     server = ForkServer(run_dir / "children.stderr")
     killed_in = {"before_training": 0, "training": 0, "scoring": 0, "after_exit": 0}
+    committed, lost = {}, 0  # each folder's committed ledger lines after the last kill; entries that vanished
     training_s = dict.fromkeys(CLIENTS, 1.5)  # how long each folder's training takes; from its wire log
     training_kills = dict.fromkeys(CLIENTS, 0)
     try:
@@ -217,6 +232,7 @@ def test_sigkill_during_training_and_scoring_never_under_reports(run_dir):
                 t = {r["ev"]: r["t"] for r in rows}
                 training_s[name] = t["train_done"] - t["train_start"]
             check_folder(folders[name], _wire(wires[name]), final=False)
+            lost += _lost_entries(folders[name], committed)
         for name in CLIENTS:  # one run each that finishes: reopen, repair, release a few, exit
             pid = server.start(folders[name], wires[name], 3)
             status = server.wait(pid)
@@ -241,3 +257,8 @@ def test_sigkill_during_training_and_scoring_never_under_reports(run_dir):
     assert all(any(r["ev"] == "release" for r in _wire(w)) for w in wires.values())
     assert any(r["ev"] == "refused" for r in _wire(wires["output_only"]))
     assert report["dp_free"]["guarantee"]["route"] == "dpsgd" and report["output_only"]["guarantee"]["route"] == "output"
+    lost += sum(_lost_entries(folders[name], committed) for name in CLIENTS)
+    assert lost == 0, f"{lost} committed ledger entries changed or vanished after a kill"
+    record("tests/test_crash_safety.py::test_sigkill_during_training_and_scoring_never_under_reports",
+           faults=sum(killed_in.values()) - killed_in["after_exit"], runs=KILLS + len(CLIENTS),
+           runs_finished=killed_in["after_exit"] + len(CLIENTS), ledger_entries_lost=lost)

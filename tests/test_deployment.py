@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.hardening import record as hardening_record
 
 from mor_secure.config import load_config
 from mor_secure.crypto.provision import provision
@@ -76,6 +77,7 @@ def test_supernode_without_the_ca_is_refused(link):
     i = argv.index("--root-certificates")
     rc, log = refused(link, "no_ca", argv[:i] + argv[i + 2:])  # system trust store only
     assert rc != 0 and "CERTIFICATE_VERIFY_FAILED" in log
+    hardening_record("tests/test_deployment.py::test_supernode_without_the_ca_is_refused", inputs=1, bad_inputs=1)
 
 
 def test_plaintext_supernode_is_refused(link):
@@ -83,11 +85,13 @@ def test_plaintext_supernode_is_refused(link):
     i = argv.index("--root-certificates")
     rc, log = refused(link, "plaintext", argv[:i] + ["--insecure"] + argv[i + 4:])  # no CA, no node key
     assert rc != 0 and "could not establish a connection" in log
+    hardening_record("tests/test_deployment.py::test_plaintext_supernode_is_refused", inputs=1, bad_inputs=1)
 
 
 def test_unregistered_supernode_is_refused(link):
     rc, log = refused(link, "unregistered", node_argv(link, "delta"))
     assert rc != 0 and "Failed to activate SuperNode" in log
+    hardening_record("tests/test_deployment.py::test_unregistered_supernode_is_refused", inputs=1, bad_inputs=1)
 
 
 def test_plaintext_control_connection_is_refused(link):
@@ -100,6 +104,7 @@ def test_plaintext_control_connection_is_refused(link):
     res = subprocess.run(["flwr", "supernode", "list", "plain"], env=env, capture_output=True, text=True, timeout=90)
     assert res.returncode != 0, res.stdout
     assert "alpha" not in res.stdout
+    hardening_record("tests/test_deployment.py::test_plaintext_control_connection_is_refused", inputs=1, bad_inputs=1)
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +144,7 @@ def test_mor_job_completes_over_tls_with_ckks(job):
     assert grpo["encryption"] == "ckks" and grpo["ciphertext_bytes"] > 0
     events = (run_dir / "events.jsonl").read_text().splitlines() if (run_dir / "events.jsonl").exists() else []
     assert not [e for e in events if json.loads(e)["kind"] in ("rejected", "decrypt_failed", "no_scores")], events
+    hardening_record("tests/test_deployment.py::test_mor_job_completes_over_tls_with_ckks", runs=1, runs_finished=1)
 
 
 def test_server_process_held_no_private_ckks_context(job):
