@@ -165,8 +165,11 @@ def cmd_bench_perf(args: argparse.Namespace) -> int:
                           "transport": args.transport},
                  "rounds": {"counts": ints(args.clients), "repeats": args.repeats, "engine": args.engine}}
     out = Path(args.out) if args.out else (None if args.quick else perf.default_out())
-    command = "mor-secure bench perf " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "perf"] else [])
-    result, body = perf.run(command=command.strip(), out=out, progress=not args.no_progress, **parts)
+    defaults = vars(build_parser().parse_args(["bench", "perf"]))
+    given = [(k, v) for k, v in vars(args).items() if k in defaults and k != "func" and v != defaults[k]]
+    command = " ".join(["mor-secure bench perf", *(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                                                    for k, v in given if k not in ("json", "no_progress"))])
+    result, body = perf.run(command=command, out=out, progress=not args.no_progress, **parts)
     print(body)
     if out is not None:
         print(f"written: section 'perf' of {out}")
