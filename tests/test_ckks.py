@@ -53,6 +53,21 @@ def test_decrypted_mixture_matches_plaintext(seed, k, n, with_bias, with_scale, 
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
+def test_default_parameters_are_at_the_128_bit_bound_and_hold_their_capacity():
+    params = ckks.CkksParams()
+    assert params.poly_modulus_degree == 4096 and sum(params.coeff_mod_bit_sizes) == 109
+    with pytest.raises(CryptoError, match="invalid CKKS parameters"):  # SEAL enforces 128-bit security
+        ckks.new_secret_context(ckks.CkksParams(4096, (51, 39, 20), 2.0**39))
+    cap = ckks.aggregate_capacity(PUBLIC)
+    assert cap == 2.0**11 and ckks.slot_count(PUBLIC) == 2048
+    # constant vectors are the worst case for the encoding: 16 clients at the edge of the capacity
+    scores = [np.full(64, 6.0)] * 16
+    weights = [np.full(64, 0.95 * cap / 6.0 / 16)] * 16
+    got = ckks.decrypt_aggregate(SECRET, ckks.weighted_sum(PUBLIC, [ckks.encrypt_scores(SECRET, x) for x in scores],
+                                                           weights), 64)
+    np.testing.assert_allclose(got, 0.95 * cap, rtol=1e-5)
+
+
 def test_masked_clients_are_skipped_and_all_masked_gives_bias():
     s = [np.array([1.0, 2.0]), np.array([3.0, -1.0])]
     cts = [ckks.encrypt_scores(PUBLIC, x) for x in s]  # public key suffices to encrypt
@@ -118,7 +133,7 @@ def test_wrong_size_and_foreign_parameters_name_client_index():
         (np.array([1.0, np.nan]), "NaN"),
         (np.array([np.inf]), "NaN or infinity"),
         (np.array([]), "empty"),
-        (np.zeros(4097), "4096 CKKS slots"),
+        (np.zeros(2049), "2048 CKKS slots"),
         (np.array([1 + 2j]), "real numeric"),
         (np.array(["a"]), "real numeric"),
         (np.array([1e9]), "clip"),

@@ -7,6 +7,7 @@ network), which the deployment tests replace with real SuperLink/SuperNode proce
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -187,6 +188,35 @@ def test_bad_replies_exclude_that_client_for_that_step(world, tmp_path, mode, re
     want = (weights(np.broadcast_to(mask, plain.shape)) * plain * mask).sum(axis=1)
     np.testing.assert_allclose(reward, want, atol=1e-4, rtol=0)
     record("tests/test_ckks_channel.py::test_bad_replies_exclude_that_client_for_that_step", inputs=1, bad_inputs=1)
+
+
+def test_client_whose_declared_range_exceeds_the_ckks_capacity_is_left_out(world, tmp_path):
+    root, kits, (images, questions, responses, index) = world
+    channel, _ = make_channel(root, kits, tmp_path)
+    beta = channel.clients["beta"]
+    beta.hello = dataclasses.replace(beta.hello, clip_bound=10 * channel.ckks_capacity)
+    weights = router_weights(len(responses), 3)
+    reward, present = channel.mixture(images, questions, responses, index, weights, phase="grpo", purpose="test")
+    assert present.any(0).tolist() == [True, False, True]
+    (ev,) = [e for e in events(tmp_path) if e.get("client") == "beta"]
+    assert ev["kind"] == "rejected" and "CKKS parameters hold" in ev["reason"]
+    plain, _ = channel.score(images, questions, responses, index, phase="grpo", purpose="reference")
+    mask = np.array([True, False, True])
+    want = (weights(np.broadcast_to(mask, plain.shape)) * plain * mask).sum(axis=1)
+    np.testing.assert_allclose(reward, want, atol=1e-4, rtol=0)
+
+
+def test_more_responses_than_slots_is_refused_before_any_client_is_asked(world, tmp_path):
+    root, kits, (images, questions, _, _) = world
+    channel, grid = make_channel(root, kits, tmp_path)
+    ledgers = {name: (root / "clients" / name / "ledger.jsonl").read_text() for name in NAMES}
+    n = ckks.slot_count(channel.ckks_public) + 1
+    grid.received.clear()
+    with pytest.raises(CryptoError, match="prompts_per_step"):
+        channel.mixture(images, questions, ["red"] * n, np.zeros(n, dtype=np.int64), router_weights(n, 3),
+                        phase="grpo", purpose="test")
+    assert grid.received == []
+    assert {name: (root / "clients" / name / "ledger.jsonl").read_text() for name in NAMES} == ledgers
 
 
 def test_server_refuses_a_private_context(world, tmp_path):

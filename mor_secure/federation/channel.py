@@ -57,6 +57,7 @@ class Channel:
     exhausted: set[str] = field(default_factory=set)
     bytes_sent: int = 0
     ckks_public: ts.Context | None = None  # public-only; set by use_ckks when encryption is on
+    ckks_capacity: float = 0.0  # largest |mixture| the CKKS parameters hold (ckks.aggregate_capacity)
     decryptions: int = 0  # aggregates decrypted so far (drives the decryptor rotation)
     ciphertext_bytes: int = 0  # ciphertext bytes received from clients and aggregates sent out
 
@@ -148,6 +149,7 @@ class Channel:
             raise CryptoError("the server's CKKS context must be public-only (server kit ckks_public.bin); "
                               "re-run `mor-secure provision` and give the server its server kit")
         self.ckks_public = public_ctx
+        self.ckks_capacity = ckks.aggregate_capacity(public_ctx)
         self.audit_keys()
 
     def mixture(self, images: list[Image.Image], questions: list[str], responses: list[str],
@@ -159,28 +161,31 @@ class Channel:
         (a bad one excludes that client, noted), forms ``Σ_k W[:, k] ⊙ Enc(s_k)`` with its public
         context and ``W = weights_fn(present)`` (router weights × calibration scale, (N, K)), and a
         rotating decryptor client opens only that aggregate. The server never holds one client's
-        scores in the clear. With no usable ciphertext, or no decryptor answering, the reward is 0
-        and no client counts as present (noted).
+        scores in the clear. A client whose declared score range, times its weight, would carry the
+        sum past what the CKKS parameters hold is left out (noted) rather than let the sum wrap.
+        With no usable ciphertext, or no decryptor answering, the reward is 0 and no client counts
+        as present (noted). More responses than one ciphertext holds: CryptoError, before any
+        client is asked (nothing is released).
         """
         if self.ckks_public is None:
             raise CryptoError("CKKS mixing needs the server's public context: call use_ckks first")
+        n, k = len(responses), len(self.order)
+        slots = ckks.slot_count(self.ckks_public)
+        if n > slots:
+            raise CryptoError(f"{n} responses in one request but one CKKS ciphertext holds {slots}: lower "
+                              "grpo.prompts_per_step x grpo.num_generations, or provision larger CKKS parameters")
         req = P.ScoreRequest(P.images_to_array(images), list(questions), list(responses), image_index,
                              run_id=self.run_id, phase=phase, purpose=purpose, encrypt=True)
-        n, k = len(responses), len(self.order)
         cts = self._ciphertexts(self._ask(req), n, phase)
-        present = np.zeros((n, k), dtype=bool)
-        for name in cts:
-            present[:, self.order.index(name)] = True
+        present, weights, limit = self._within_capacity(cts, weights_fn, n, phase)
         if not cts:
             self.note("no_scores", phase=phase, reason="no client returned a usable ciphertext")
             return np.zeros(n), present
-        weights = np.asarray(weights_fn(present), dtype=np.float64)  # (N, K)
         names = [x for x in self.order if x in cts]
         cols = [self.order.index(x) for x in names]
         aggregate = ckks.weighted_sum(self.ckks_public, [cts[x][0] for x in names], [weights[:, c] for c in cols])
         self.ciphertext_bytes += sum(cts[x][1] for x in names) + len(aggregate)
-        limit = sum(np.abs(weights[:, c]) * self._limit(x) for x, c in zip(names, cols)) + 1e-3
-        reward = self._decrypt(aggregate, n, limit, names, phase)
+        reward = self._decrypt(aggregate, n, limit + 1e-3, names, phase)
         if reward is None:
             return np.zeros(n), np.zeros((n, k), dtype=bool)
         return reward, present
@@ -197,6 +202,29 @@ class Channel:
     def _limit(self, name: str) -> float:
         info = self.clients[name].hello
         return P.score_limit(info.clip_bound, info.noise_std)
+
+    def _within_capacity(self, cts: dict, weights_fn: WeightsFn, n: int,
+                         phase: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """The clients present (N, K), their weights ``weights_fn(present)`` (N, K) and the largest
+        |mixture| per slot their declared score ranges allow (N,), for the clients in ``cts``.
+        While that largest |mixture| reaches ``ckks_capacity``, the client reaching furthest is
+        dropped from ``cts`` (noted) and the weights renormalised without it."""
+        while True:
+            present = np.zeros((n, len(self.order)), dtype=bool)
+            for name in cts:
+                present[:, self.order.index(name)] = True
+            if not cts:
+                return present, None, None
+            weights = np.asarray(weights_fn(present), dtype=np.float64)  # (N, K)
+            reach = {x: np.abs(weights[:, self.order.index(x)]) * self._limit(x) for x in cts}
+            limit = sum(reach.values())
+            if limit.max() < self.ckks_capacity:
+                return present, weights, limit
+            worst = max(reach, key=lambda x: reach[x].max())
+            self.note("rejected", client=worst, phase=phase,
+                      reason=f"declared score range x weight reaches {reach[worst].max():.3g} and the mixture "
+                             f"{limit.max():.3g}; the CKKS parameters hold |mixture| < {self.ckks_capacity:g}")
+            del cts[worst]
 
     def _ciphertexts(self, contents: dict[str, RecordDict], n: int,
                      phase: str) -> dict[str, tuple[ts.CKKSVector, int]]:

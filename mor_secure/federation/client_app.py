@@ -30,6 +30,7 @@ from mor_secure.quiet import quiet_libraries
 log = logging.getLogger(__name__)
 _NODES: dict[tuple[Path, Path | None], ClientNode] = {}  # one per (client folder, kit) in this process
 _NODES_LOCK = threading.Lock()
+_QUIET = threading.Event()  # libraries quieted in this process (once: it costs ~3 ms, a walk of every logger)
 
 
 def resolve_client_dir(context: Context, run_dir: Path | None) -> Path:
@@ -68,7 +69,9 @@ def _guarded(handler):
 
     def wrapped(msg: Message, context: Context, run_dir: Path | None) -> Message:
         torch.set_num_threads(1)  # simulation runs several clients on few cores
-        quiet_libraries()
+        if not _QUIET.is_set():
+            quiet_libraries()
+            _QUIET.set()
         try:
             return handler(msg, node_for(context, run_dir))
         except BudgetExceededError as exc:
