@@ -74,3 +74,14 @@ def test_budget_is_read_from_the_client_folder_not_the_request(tmp_path):
     with pytest.raises(BudgetExceededError):
         node.score(req)  # one nearly noiseless release already exceeds epsilon 0.5
     assert node.ledger.events() == []
+
+
+def test_client_app_pickles_for_the_simulation_engine(tmp_path):
+    """Flower's simulation engine ships the ClientApp to Ray actors with cloudpickle: nothing its
+    handlers reference may hold a lock (that broke every `mor-secure run` once)."""
+    import ray.cloudpickle
+
+    from mor_secure.federation.client_app import make_client_app
+
+    app = ray.cloudpickle.loads(ray.cloudpickle.dumps(make_client_app(tmp_path)))
+    assert set(app._registered_funcs) == {"train.default", "query.score", "query.decrypt"}

@@ -33,6 +33,14 @@ _NODES_LOCK = threading.Lock()
 _QUIET = threading.Event()  # libraries quieted in this process (once: it costs ~3 ms, a walk of every logger)
 
 
+def _quiet_once() -> None:
+    # A module-level function: the handlers below are pickled by value for Ray's simulation actors,
+    # and an Event they referenced directly would be pickled with them (and fail: it holds a lock).
+    if not _QUIET.is_set():
+        quiet_libraries()
+        _QUIET.set()
+
+
 def resolve_client_dir(context: Context, run_dir: Path | None) -> Path:
     node_config = context.node_config
     if "client-dir" in node_config:
@@ -69,9 +77,7 @@ def _guarded(handler):
 
     def wrapped(msg: Message, context: Context, run_dir: Path | None) -> Message:
         torch.set_num_threads(1)  # simulation runs several clients on few cores
-        if not _QUIET.is_set():
-            quiet_libraries()
-            _QUIET.set()
+        _quiet_once()
         try:
             return handler(msg, node_for(context, run_dir))
         except BudgetExceededError as exc:
