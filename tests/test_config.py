@@ -117,8 +117,8 @@ def _named(message: str, path: tuple) -> bool:
     ``clients.0.x`` are the same field; ``clients[].name`` names the name of every client."""
     text = re.sub(r"\[(\d+)\]", r".\1", message).replace("[]", "")
     parts = [str(p) for p in path]
-    if not parts:
-        return "top level" in text
+    if not parts:  # the whole config replaced: the top level, or a field of what replaced it, is named
+        return "top level" in text or "\n  - " in message
     for n in range(len(parts), min(2, len(parts)) - 1, -1):
         prefix = parts[:n]
         if ".".join(prefix) in text or ".".join(p for p in prefix if not p.isdigit()) in text:
