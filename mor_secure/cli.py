@@ -135,16 +135,20 @@ def cmd_client_init(args: argparse.Namespace) -> int:
 def cmd_bench_ckks(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from mor_secure.deploy.bench import bench_ckks, render
+    from mor_secure.bench.perf import default_out
+    from mor_secure.deploy.bench import bench_ckks, render, write_section
 
     counts = tuple(int(c) for c in args.clients.split(",") if c)
     rows = bench_ckks(counts, steps=args.steps, repeats=args.repeats, prompts_per_step=args.prompts_per_step,
                       num_generations=args.num_generations)
-    command = "mor-secure bench ckks " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "ckks"] else [])
-    text = render(rows, command.strip(), dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    defaults = vars(build_parser().parse_args(["bench", "ckks"]))
+    given = [(k, v) for k, v in vars(args).items() if k in defaults and k not in ("func", "out") and v != defaults[k]]
+    command = " ".join(["mor-secure bench ckks", *(f"--{k.replace('_', '-')} {v}" for k, v in given)])
+    body = render(rows, command, dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    print(body)
+    out = Path(args.out) if args.out else default_out()
+    write_section(out, body)
+    print(f"written: section 'ckks' of {out}")
     return 0
 
 
@@ -249,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_ckks.add_argument("--prompts-per-step", type=int, default=16, help="prompts per GRPO step (demo: 16)")
     bench_ckks.add_argument("--num-generations", type=int, default=8, help="samples per prompt (demo: 8)")
     bench_ckks.add_argument("--repeats", type=int, default=2, help="runs per mode (medians are reported)")
-    bench_ckks.add_argument("--out", help="also write the Markdown table to this file")
+    bench_ckks.add_argument("--out", help="BENCHMARKS.md whose 'ckks' section is replaced "
+                            "(default: the repository's BENCHMARKS.md)")
     bench_ckks.set_defaults(func=cmd_bench_ckks)
     bench_perf = bench.add_parser("perf", help="DP-SGD vs non-private RM step, GRPO step with rewards through "
                                   "Flower (TLS) vs in-process, one Flower round with 3..64 clients")
@@ -258,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_perf.add_argument("--engine", choices=["simulation", "inproc"], default="simulation",
                             help="(c) in Flower's simulation engine (Ray) or an in-process grid")
     bench_perf.add_argument("--modes", default="hooks,functorch,ew,ghost", help="Opacus grad-sample modes for (a)")
-    bench_perf.add_argument("--batch-size", type=int, default=256, help="(a) RM batch size (demo: 256)")
-    bench_perf.add_argument("--dpsgd-steps", type=int, default=6, help="(a) steps per training run (at least 3)")
+    bench_perf.add_argument("--batch-size", type=int, default=128, help="(a) RM batch size (demo: 256)")
+    bench_perf.add_argument("--dpsgd-steps", type=int, default=4, help="(a) steps per training run (at least 3)")
     bench_perf.add_argument("--grpo-clients", type=int, default=3, help="(b) clients")
     bench_perf.add_argument("--grpo-steps", type=int, default=3, help="(b) GRPO steps per run (at least 2)")
     bench_perf.add_argument("--grpo-repeats", type=int, default=2, help="(b) runs per side")
