@@ -5,8 +5,10 @@
     :func:`mor_secure.rewards.train.train_reward_model` on a fresh RM built as ``ClientNode.train``
     builds it, from a client folder made by ``client init``; a step is timed from one step's first
     forward pass to the next step's (data, both forward passes, backward, per-sample clipping and
-    noise, optimizer), the first step left out. Non-private and each mode alternate, ``repeats``
-    times; a mode Opacus or our training loop rejects is tried once and reported with its error.
+    noise, optimizer), the first step left out. Each run trains on one batch of pairs for one epoch
+    per step (so DP-SGD's sampling rate is 1 and both sides see batches of the same size); the DP
+    noise calibration, identical for every run and done before the first step, is computed once. Non-private and each mode alternate, ``repeats`` times; a mode
+    Opacus or our training loop rejects is tried once and reported with its error.
 
 (b) **GRPO step time with rewards fetched through Flower over TLS** (Flower's deployment runtime on
     loopback: a TLS SuperLink with SuperNode authentication, one SuperNode per client with its own
@@ -90,6 +92,7 @@ class LoadMonitor:
 
     interval_s: float = 2.0
     ours_s: float = 0.0
+    ours_sys_s: float = 0.0
     others_s: float = 0.0
     wall_s: float = 0.0
     steal_share: float = float("nan")
@@ -109,25 +112,27 @@ class LoadMonitor:
     def _sample(self, first: bool = False) -> None:
         me = os.getpid()
         children: dict[int, list[int]] = {}
-        cpu: dict[tuple[int, float], float] = {}
+        cpu: dict[tuple[int, float], tuple[float, float]] = {}
         for p in psutil.process_iter(["pid", "ppid", "cpu_times", "create_time"]):
             info = p.info
             if info["cpu_times"] is None:
                 continue
             children.setdefault(info["ppid"], []).append(info["pid"])
-            cpu[(info["pid"], info["create_time"])] = info["cpu_times"].user + info["cpu_times"].system
+            cpu[(info["pid"], info["create_time"])] = (info["cpu_times"].user + info["cpu_times"].system,
+                                                       info["cpu_times"].system)
         ours, todo = set(), [me]
         while todo:
             pid = todo.pop()
             if pid not in ours:
                 ours.add(pid)
                 todo += children.get(pid, [])
-        for key, total in cpu.items():
+        for key, (total, system) in cpu.items():
             # a process first seen now started during the run, unless this is the first sample
-            base = self._last.get(key, total if first or key[1] < self._t0_epoch else 0.0)
-            delta = max(0.0, total - base)
+            base = self._last.get(key, (total, system) if first or key[1] < self._t0_epoch else (0.0, 0.0))
+            delta = max(0.0, total - base[0])
             if key[0] in ours:
                 self.ours_s += delta
+                self.ours_sys_s += max(0.0, system - base[1])
             else:
                 self.others_s += delta
         self._last = cpu
@@ -157,7 +162,8 @@ class LoadMonitor:
     def summary(self) -> dict:
         cpus = os.cpu_count() or 1
         others = self.others_s / max(self.wall_s * cpus, 1e-9)
-        return {"wall_s": self.wall_s, "ours_cpu_s": self.ours_s, "others_cpu_s": self.others_s,
+        return {"wall_s": self.wall_s, "ours_cpu_s": self.ours_s, "ours_kernel_share": self.ours_sys_s / max(self.ours_s, 1e-9),
+                "others_cpu_s": self.others_s,
                 "others_share": others, "steal_share": self.steal_share, "loadavg_start": list(self.loadavg_start),
                 "shared": bool(others > 0.05 or (self.steal_share == self.steal_share and self.steal_share > 0.05)
                                or self.loadavg_start[0] > 0.5)}
@@ -187,24 +193,41 @@ def _train_once(node, pairs: list[dict], *, dp: bool, mode: str, settings_base) 
 
 
 def bench_dpsgd(families: Sequence[str] = FAMILIES, modes: Sequence[str] = GRAD_SAMPLE_MODES, *,
-                batch_size: int = 256, steps: int = 6, repeats: int = 3, lora_r: int = 16,
+                batch_size: int = 128, steps: int = 4, repeats: int = 3, lora_r: int = 16,
                 progress: bool = True) -> dict:
     """(a): per family, the median step time without DP and per grad-sample mode, and ratios.
 
-    Defaults are a demo client's training settings (batch 256, LoRA r 16, SGD, lr 0.5).
+    Defaults are a demo client's training settings (LoRA r 16, SGD, lr 0.5) at half its batch (256).
     """
+    from unittest import mock
+
     from mor_secure.data import load_split
     from mor_secure.deploy.client_init import init_client_folder
     from mor_secure.federation.client_node import ClientNode
+    from mor_secure.rewards import train as train_module
     from mor_secure.rewards.train import TrainSettings
 
     if steps < 3:
         raise ConfigError(f"steps={steps}: at least 3 (the first step is left out, then one interval)")
-    cfg = client_config(len(families), pairs=batch_size * steps, batch_size=batch_size, lora_r=lora_r,
-                        families=families)
+    # one batch of pairs, one step per epoch: every run encodes only ``batch_size`` pairs, and DP-SGD's
+    # sampling rate is 1, so private and non-private steps see batches of exactly the same size
+    cfg = client_config(len(families), pairs=batch_size, batch_size=batch_size, lora_r=lora_r,
+                        families=families, epochs=steps)
+    # The noise calibration (seconds of accountant search, the same for every run) is computed once
+    # and reused: it happens before the first step, so no step time changes.
+    plans: dict = {}
+    real_plan = train_module.plan_dpsgd
+
+    def plan_once(num_records, settings):
+        key = (num_records, settings.target_epsilon, settings.delta, settings.epochs, settings.batch_size,
+               settings.max_grad_norm)
+        if key not in plans:
+            plans[key] = real_plan(num_records, settings)
+        return plans[key]
     out: dict = {"batch_size": batch_size, "steps_per_run": steps, "repeats": repeats, "lora_r": lora_r,
                  "families": {}, "failed_modes": {}}
-    with tempfile.TemporaryDirectory(prefix="mor-perf-dpsgd-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mor-perf-dpsgd-") as tmp, \
+            mock.patch.object(train_module, "plan_dpsgd", plan_once):
         nodes, data = {}, {}
         for client, fam in zip(cfg.clients, families):
             folder = init_client_folder(cfg, client.name, Path(tmp) / client.name)
@@ -770,7 +793,7 @@ def render(result: dict, command: str, date: str) -> str:
     shared = (f"**The machine was shared during this run**: other users' processes used "
               f"{100 * load['others_share']:.0f}% of its {cpus} CPUs on average "
               f"({load['others_cpu_s']:.0f} CPU-s over {load['wall_s']:.0f} s; this command used "
-              f"{load['ours_cpu_s']:.0f} CPU-s), steal time {100 * load['steal_share']:.0f}%, load average "
+              f"{load['ours_cpu_s']:.0f} CPU-s, {100 * load['ours_kernel_share']:.0f}% of it in the kernel), steal time {100 * load['steal_share']:.0f}%, load average "
               f"{load['loadavg_start'][0]:.1f} when it started. Absolute times are inflated and noisy; the "
               f"two sides of each ratio alternate within each repeat, so the ratios are the figures to read, "
               f"with the per-repeat spread as their noise band."
@@ -786,8 +809,9 @@ def render(result: dict, command: str, date: str) -> str:
     lines += ["### (a) DP-SGD reward-model step over non-private step, per Opacus grad-sample mode", "",
               f"`mor_secure.rewards.train.train_reward_model` on a fresh tiny RM of each family (built as "
               f"`ClientNode.train` builds it: frozen vision tower, LoRA r={a['lora_r']} on the language model, "
-              f"projector, scalar head), batch {a['batch_size']}{' (the demo' + chr(39) + 's)' if a['batch_size'] == 256 else ''} "
-              f"(DP-SGD draws Poisson batches of that expected size), SGD, one thread. Per run {a['steps_per_run']} steps, the first left out; the "
+              f"projector, scalar head), batch {a['batch_size']} "
+              f"(one batch of pairs, one step per epoch: DP-SGD's sampling rate is 1, so both sides see the same "
+              f"batch size; the demo trains at 256 with rate 256/3000), SGD, one thread. Per run {a['steps_per_run']} steps, the first left out; the "
               f"median step of each run, then the median over {a['repeats']} repeats; non-private and DP runs "
               f"alternate. Target: best mode at most {TARGET_RATIO}x.", "",
               "| RM family | non-private step (s) | " + " | ".join(f"{m} step (s) | {m} ratio (per repeat)"
