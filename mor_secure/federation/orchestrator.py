@@ -28,7 +28,7 @@ from mor_secure.errors import ConfigError
 from mor_secure.federation.channel import Channel, EncryptedMixtureReward, server_public_context
 from mor_secure.federation.resume import RunLock, checkpoint_history, checkpoint_step, last_checkpoint
 from mor_secure.models.factory import build_vlm, load_vlm
-from mor_secure.rewards.router import Router, fit_router, masked_weights
+from mor_secure.rewards.router import Router, RouterFit, fit_router, masked_weights
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,41 @@ def write_json(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=float))
     tmp.replace(path)
+
+
+def fit_router_on_objective(channel: Channel, reference, objective: list[dict], cfg: RunConfig, *,
+                            progress: bool = True) -> tuple[Router, RouterFit, torch.Tensor]:
+    """Phase 2 without the run folder: the clients of ``channel.order`` score both responses of every
+    objective pair through the channel (clipped, noised); the router and calibration are fitted on
+    the frozen ``reference``'s features. Returns the router, the fit and the presence mask (2N, K)."""
+    n = len(objective)
+    images = [r["image"] for r in objective]
+    questions = [r["question"] for r in objective]
+    responses = [r["response_a"] for r in objective] + [r["response_b"] for r in objective]
+    index = np.concatenate([np.arange(n), np.arange(n)])
+    scores, present = channel.score(images, questions, responses, index,
+                                    phase="router_fit", purpose="score the objective set")
+    feats = prompt_features(reference, images, questions)
+    router = Router(feats.shape[1], channel.order, hidden=cfg.router.hidden, components=cfg.router.components)
+    s = torch.as_tensor(scores, dtype=torch.float32)
+    p = torch.as_tensor(present)
+    labels = torch.tensor([float(r["label"]) for r in objective])
+    fit = fit_router(router, feats, s[:n], s[n:], labels, p[:n], steps=cfg.router.steps, lr=cfg.router.lr,
+                     weight_decay=cfg.router.weight_decay, progress=progress, seed=cfg.run.seed)
+    return router, fit, p
+
+
+def router_weights_by_family(router: Router, reference, records: list[dict]) -> dict[str, dict[str, float]]:
+    """The router's mean weight per client on ``records``' prompts (every client present), by family."""
+    families = [r["family"] for r in records]
+    feats = prompt_features(reference, [r["image"] for r in records], [r["question"] for r in records])
+    with torch.no_grad():
+        weights = masked_weights(router.logits(feats), torch.ones(len(router.clients), dtype=torch.bool))
+    per_family = {}
+    for fam in sorted(set(families)):
+        rows = [i for i, f in enumerate(families) if f == fam]
+        per_family[fam] = dict(zip(router.clients, weights[rows].mean(0).tolist()))
+    return per_family
 
 
 class Orchestrator:
@@ -141,23 +176,8 @@ class Orchestrator:
     # -- phase 2 ----------------------------------------------------------------------------------
     def fit_router(self, reference) -> Router:
         t = self.phase("router_fit")
-        obj = self.objective
-        n = len(obj)
-        images = [r["image"] for r in obj]
-        questions = [r["question"] for r in obj]
-        responses = [r["response_a"] for r in obj] + [r["response_b"] for r in obj]
-        index = np.concatenate([np.arange(n), np.arange(n)])
-        scores, present = self.channel.score(images, questions, responses, index,
-                                             phase="router_fit", purpose="score the objective set")
-        feats = prompt_features(reference, images, questions)
-        router = Router(feats.shape[1], self.channel.order, hidden=self.cfg.router.hidden,
-                        components=self.cfg.router.components)
-        s = torch.as_tensor(scores, dtype=torch.float32)
-        p = torch.as_tensor(present)
-        labels = torch.tensor([float(r["label"]) for r in obj])
-        fit = fit_router(router, feats, s[:n], s[n:], labels, p[:n], steps=self.cfg.router.steps,
-                         lr=self.cfg.router.lr, weight_decay=self.cfg.router.weight_decay,
-                         progress=self.progress, seed=self.cfg.run.seed)
+        router, fit, p = fit_router_on_objective(self.channel, reference, self.objective, self.cfg,
+                                                 progress=self.progress)
         router.save(self.run_dir / "router.pt")
         self.done("router_fit", t, {"objective_accuracy": fit.accuracy, "loss_first": fit.losses[0],
                                     "loss_last": fit.losses[-1], "clients": router.clients,
@@ -220,15 +240,7 @@ class Orchestrator:
             "aligned": oracle_accuracy(families, answers,
                                        generate_answers(aligned, images, questions, max_new_tokens=n_tokens)),
         }
-        feats = prompt_features(base, images, questions)
-        with torch.no_grad():
-            weights = masked_weights(router.logits(feats), torch.ones(len(router.clients), dtype=torch.bool))
-        per_family = {}
-        for fam in sorted(set(families)):
-            rows = [i for i, f in enumerate(families) if f == fam]
-            mean_w = weights[rows].mean(0).tolist()
-            per_family[fam] = dict(zip(router.clients, mean_w))
-        result = {"oracle_accuracy": table, "router_weights_by_family": per_family}
+        result = {"oracle_accuracy": table, "router_weights_by_family": router_weights_by_family(router, base, self.eval)}
         self.done("evaluation", t, result)
         return result
 
