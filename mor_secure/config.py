@@ -137,8 +137,19 @@ class WarmupSection(_Strict):
     batch_size: int = Field(32, ge=1)
 
 
+class PerceptionSection(_Strict):
+    """Unlabelled autoencoding of the public images before the warm-up (alignment/perception.py).
+    For randomly initialised models only; a real checkpoint already sees, so leave steps at 0."""
+
+    steps: int = Field(0, ge=0, description="0 (default) turns it off.")
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    resolution: int = Field(8, ge=2, le=64, description="Side of the low-resolution copy the decoder rebuilds.")
+
+
 class PolicySection(_Strict):
     model: ModelSpec = ModelSpec()
+    perception: PerceptionSection = PerceptionSection()
     warmup: WarmupSection = WarmupSection()
 
 

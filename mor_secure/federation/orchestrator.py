@@ -21,6 +21,7 @@ import torch
 from flwr.serverapp import Grid
 
 from mor_secure.alignment.grpo import MixtureReward, build_dataset, run_grpo
+from mor_secure.alignment.perception import pretrain_perception
 from mor_secure.alignment.policy import generate_answers, oracle_accuracy, prompt_features, warmup
 from mor_secure.config import RunConfig, load_config
 from mor_secure.data import load_split, vocabulary
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 PHASE_TITLES = {
     "rm_training": "phase 1: each client trains its reward model on its own data (DP-SGD where configured)",
-    "warmup": "server: format warm-up of the base policy on public prompts",
+    "warmup": "server: base policy (perception pre-training on unlabelled public images, then format warm-up)",
     "router_fit": "phase 2: clients score the objective set; the server fits the router",
     "grpo": "phase 3: GRPO on the mixture of client rewards (KL to the frozen reference)",
     "evaluation": "evaluation: base vs aligned policy on held-out prompts (oracle answers)",
@@ -162,6 +163,10 @@ class Orchestrator:
         else:
             policy = build_vlm(spec.family, vocabulary(), size=spec.size, image_size=self.cfg.data.image_size,
                                seed=self.cfg.run.seed)
+        pc = self.cfg.policy.perception
+        perception = pretrain_perception(policy, [r["image"] for r in self.public], steps=pc.steps, lr=pc.lr,
+                                         batch_size=pc.batch_size, resolution=pc.resolution,
+                                         seed=self.cfg.run.seed, progress=self.progress)
         w = self.cfg.policy.warmup
         losses = warmup(policy, [r["image"] for r in self.public], [r["family"] for r in self.public],
                         epochs=w.epochs, lr=w.lr, batch_size=w.batch_size, seed=self.cfg.run.seed,
@@ -170,7 +175,10 @@ class Orchestrator:
         # TRL builds the frozen GRPO reference from this path: the warmed-up base policy.
         policy.model.config._name_or_path = str(self.run_dir / "policy_base")
         self.done("warmup", t, {"loss_first": losses[0] if losses else None,
-                                "loss_last": losses[-1] if losses else None, "steps": len(losses)})
+                                "loss_last": losses[-1] if losses else None, "steps": len(losses),
+                                "perception": {"steps": len(perception),
+                                               "loss_first": perception[0] if perception else None,
+                                               "loss_last": perception[-1] if perception else None}})
         return policy
 
     # -- phase 2 ----------------------------------------------------------------------------------
