@@ -9,6 +9,8 @@ The run folder:
   server/                the server's public prompts, objective set and evaluation set
   metrics/*.json         per-phase metrics; evaluation.json holds the oracle-accuracy table
   policy_base/ policy_aligned/ router.pt
+  grpo_trainer/          GRPO checkpoints while GRPO runs (``mor-secure run --resume`` continues from them)
+  server.lock            held by the running server (one server per run folder)
   evaluation.md  grpo_reward.png  rm_accuracy.json (benchmark harness)  privacy_report.html/json
 """
 

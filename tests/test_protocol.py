@@ -110,7 +110,43 @@ records = st.one_of(
     st.dictionaries(st.sampled_from(KEYS), arrays, max_size=3).map(ArrayRecord),
     st.dictionaries(st.sampled_from(KEYS), config_values, max_size=4).map(ConfigRecord),
 )
-contents = st.dictionaries(st.sampled_from(["out", "meta", "data", "cfg"]), records, max_size=4).map(RecordDict)
+random_contents = st.dictionaries(st.sampled_from(["out", "meta", "data", "cfg"]), records, max_size=4).map(RecordDict)
+
+
+def _valid(kind: str, n: int, value: float) -> RecordDict:
+    """A well-formed message of each kind the decoders below read."""
+    return {
+        "scores": lambda: P.encode_scores("a", np.full(n, value)),
+        "hello": lambda: P.encode_hello("a", "LlavaForConditionalGeneration", 5.0, 0.1, True),
+        "encrypted": lambda: P.encode_encrypted_scores("a", b"\x07" * n),
+        "aggregate": lambda: P.encode_aggregate("a", np.full(n, value)),
+        "decrypt_request": lambda: P.encode_decrypt_request("r", "grpo", b"\x07" * n, n),
+        "score_request": lambda: P.encode_score_request(request(responses=["x"] * n)),
+    }[kind]()
+
+
+@st.composite
+def mutated_cases(draw):
+    """(content, n, decoder): a valid message of the decoder's kind with one entry replaced by
+    anything, or deleted, or left alone."""
+    kind, n = draw(st.sampled_from(["scores", "hello", "encrypted", "aggregate", "decrypt_request", "score_request"])), \
+        draw(st.integers(1, 4))
+    content = _valid(kind, n, draw(st.sampled_from([0.0, 1.5, -5.0, 5.7, 1e9, float("nan")])))
+    name = draw(st.sampled_from(sorted(content)))
+    rec = content[name]
+    key = draw(st.sampled_from(sorted(rec)))
+    action = draw(st.sampled_from(["keep", "delete", "array", "value"]))
+    if action == "delete":
+        del rec[key]
+    elif action == "array" and isinstance(rec, ArrayRecord):
+        rec[key] = draw(arrays)
+    elif action == "value" and isinstance(rec, ConfigRecord):
+        rec[key] = draw(config_values)
+    return content, n, kind
+
+
+cases = st.one_of(st.tuples(random_contents, st.integers(1, 4), st.sampled_from(
+    ["scores", "hello", "client", "encrypted", "aggregate", "decrypt_request", "score_request"])), mutated_cases())
 
 
 def _decoders(n: int):
@@ -127,11 +163,13 @@ def _decoders(n: int):
 
 
 @settings(max_examples=400, deadline=None)
-@given(contents, st.integers(1, 4), st.sampled_from(list(_decoders(1))))
-def test_fuzzed_replies_and_requests_decode_or_raise_protocol_error(content, n, decoder):
+@given(cases)
+def test_fuzzed_replies_and_requests_decode_or_raise_protocol_error(case):
     """A client (or server) can put anything in a message: records of either kind under any name,
-    arrays of any dtype and shape, NaN/inf, bytes that are no array at all. Every decoder returns
-    a checked value or raises ProtocolError; nothing else reaches the caller."""
+    arrays of any dtype and shape, NaN/inf, bytes that are no array at all; or a valid message with
+    one entry changed. Every decoder returns a checked value or raises ProtocolError; nothing else
+    reaches the caller."""
+    content, n, decoder = case
     try:
         out = _decoders(n)[decoder](content)
     except ProtocolError as exc:
@@ -147,4 +185,7 @@ def test_fuzzed_replies_and_requests_decode_or_raise_protocol_error(content, n, 
         assert isinstance(out, bytes) and 0 < len(out) <= 64
     elif decoder == "decrypt_request":
         assert 0 < len(out.ciphertext) <= 64 and 1 <= out.length <= P.MAX_ITEMS
+    elif decoder == "score_request":
+        assert len(out.responses) == len(out.image_index) > 0 and out.images.dtype == np.uint8
+        assert 0 <= out.image_index.min() and out.image_index.max() < len(out.images) == len(out.questions)
     record("tests/test_protocol.py::test_fuzzed_replies_and_requests_decode_or_raise_protocol_error", inputs=1)

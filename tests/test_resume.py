@@ -195,7 +195,8 @@ def test_resume_refuses_a_completed_run_or_a_folder_that_is_not_a_run(crashed_an
         assert "run folder" in err and "mor-secure run CONFIG" in err and "Traceback" not in err
     assert cli_main(["run", "configs/smoke.yaml", "--resume", str(run_dir)]) == 2
     assert "give no CONFIG" in capsys.readouterr().err
-    record("tests/test_resume.py::test_resume_refuses_a_completed_run_or_a_folder_that_is_not_a_run", bad_inputs=4)
+    record("tests/test_resume.py::test_resume_refuses_a_completed_run_or_a_folder_that_is_not_a_run", inputs=4,
+           bad_inputs=4)
 
 
 def test_a_folder_in_use_by_a_running_server_is_refused(tmp_path):
