@@ -249,10 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
     bench_ckks = bench.add_parser("ckks", help="time per GRPO step and bytes per step, with and without CKKS")
     bench_ckks.add_argument("--clients", default="3,16", help="comma-separated client counts")
-    bench_ckks.add_argument("--steps", type=int, default=4, help="GRPO steps per run (at least 2)")
+    bench_ckks.add_argument("--steps", type=int, default=4,
+                            help="GRPO steps per run, alternating plaintext and CKKS (at least 4)")
     bench_ckks.add_argument("--prompts-per-step", type=int, default=16, help="prompts per GRPO step (demo: 16)")
     bench_ckks.add_argument("--num-generations", type=int, default=8, help="samples per prompt (demo: 8)")
-    bench_ckks.add_argument("--repeats", type=int, default=2, help="runs per mode (medians are reported)")
+    bench_ckks.add_argument("--repeats", type=int, default=2, help="runs, each starting with the other mode")
     bench_ckks.add_argument("--out", help="BENCHMARKS.md whose 'ckks' section is replaced "
                             "(default: the repository's BENCHMARKS.md)")
     bench_ckks.set_defaults(func=cmd_bench_ckks)

@@ -3,15 +3,16 @@
 Setup, per client count K: K client folders (tiny DP-SGD reward models of the three families
 in turn, trained once), the real ClientApp behind an in-process grid (``deploy.inproc``: Flower
 messages deflated and re-inflated, no network), the reward channel, an untrained router and a
-tiny LLaVA policy trained by TRL's GRPOTrainer for ``steps`` steps. The two modes run the same
-steps on the same folders, ``repeats`` times each, in alternating order (plaintext first in
-even repeats, CKKS first in odd ones, so a drift in the machine's load favours neither); the
-medians are reported.
+tiny LLaVA policy trained by TRL's GRPOTrainer for ``steps`` steps. Within each run the steps
+alternate between the plaintext and the CKKS reward (same channel, router and clients), so two
+consecutive steps differ only in how the mixture is formed and a drift in the machine's load
+shifts both alike; ``repeats`` runs, each starting with the other mode. The overhead is the median
+of the CKKS-minus-plaintext differences over consecutive pairs of steps.
 
-Measured per GRPO step (medians over steps 2..S, so the trainer's setup and first-step one-off
-costs are left out): wall time and process CPU time of the whole step (generation, K clients
+Measured per GRPO step (the first step of each run, with the trainer's setup and one-off
+costs, left out): wall time and process CPU time of the whole step (generation, K clients
 scoring in turn, mixing, policy update), the reward call alone, the bytes the server receives
-and sends, and, inside the CKKS runs, the CPU time of each CKKS part (encryption, the server's
+and sends, and, in the CKKS steps, the CPU time of each CKKS part (encryption, the server's
 checks and sum, the decryption round trip, message serialisation). CPU time is what a shared
 machine disturbs least: other jobs delay this process but do not add to its CPU time. Not
 measured: network and Flower's polling, identical for the score round trip in both modes; CKKS
@@ -65,9 +66,6 @@ class _Parts:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
 
-    def reset(self) -> None:
-        self.seconds.clear()
-
     def _wrap(self, label, fn):
         def timed(*args, **kwargs):
             start = time.thread_time()
@@ -96,29 +94,53 @@ class _Parts:
                 setattr(owner, name, fn)
 
 
+MODES = ("none", "ckks")
+
+
 @dataclass
-class _Timed:
-    """The reward function, timed per call (TRL names the reward column after ``__name__``).
+class _Alternating:
+    """The reward function of a run whose GRPO steps alternate between the plaintext and the CKKS
+    reward (see ``mode``; TRL names the reward column after ``__name__``).
 
-    Records the wall and process CPU clocks at the start of each call, and resets ``parts`` at the
-    second call so that they cover the same steps as the medians (2..S)."""
+    Both rewards go through the same channel, router and clients, so consecutive steps differ
+    only in how the mixture is formed; a drift in the machine's load shifts both alike. Each call
+    records its mode, the wall and process CPU clocks at its start, its own duration, and what it
+    added to the part timers and byte counters."""
 
-    inner: MixtureReward
+    rewards: dict[str, MixtureReward]
+    first: str
     parts: _Parts
-    seconds: list[float] = field(default_factory=list)
-    starts: list[float] = field(default_factory=list)
-    cpu_starts: list[float] = field(default_factory=list)
+    grid: InProcessGrid
+    channel: Channel
+    calls: list[dict] = field(default_factory=list)
     __name__ = "mixture_reward"
 
+    def mode(self, call: int) -> str:
+        """The mode of the ``call``-th reward call: after the first call (left out of the figures),
+        pairs of steps in the order first-other, other-first, first-other, ... (A B B A A B ...):
+        each pair holds one step of each mode and neither mode always falls on odd steps (the
+        trainer's odd and even steps differ by tens of ms, whatever the reward)."""
+        if call == 0:
+            return self.first
+        pair, pos = divmod(call - 1, 2)
+        return (self.first, MODES[1 - MODES.index(self.first)])[pos ^ (pair % 2)]
+
     def __call__(self, *args, **kwargs):
-        if len(self.starts) == 1:
-            self.parts.reset()
+        mode = self.mode(len(self.calls))
+        parts = dict(self.parts.seconds)
+        counters = self._counters()
         start, cpu = time.perf_counter(), time.process_time()
-        out = self.inner(*args, **kwargs)
-        self.starts.append(start)
-        self.cpu_starts.append(cpu)
-        self.seconds.append(time.perf_counter() - start)
+        out = self.rewards[mode](*args, **kwargs)
+        self.calls.append({
+            "mode": mode, "start": start, "cpu_start": cpu, "reward_s": time.perf_counter() - start,
+            "reward_cpu_s": time.process_time() - cpu,
+            "parts_ms": {k: 1e3 * (v - parts.get(k, 0.0)) for k, v in self.parts.seconds.items() if v > parts.get(k, 0.0)},
+            **{k: after - before for (k, after), before in zip(self._counters().items(), counters.values())}})
         return out
+
+    def _counters(self) -> dict[str, float]:
+        return {"bytes_up": self.grid.bytes_up, "bytes_down": self.grid.bytes_down,
+                "ciphertext_bytes": self.channel.ciphertext_bytes}
 
 
 def bench_config(k: int) -> RunConfig:
@@ -144,59 +166,68 @@ def _prepare(root: Path, cfg: RunConfig) -> tuple[dict[int, dict], Path]:
     return nodes, kits.server_dir
 
 
-def _one_run(mode: str, nodes: dict[int, dict], server_kit: Path, grpo: GrpoSection, root: Path) -> dict:
+def _one_run(first: str, nodes: dict[int, dict], server_kit: Path, grpo: GrpoSection, root: Path) -> dict:
+    """One GRPO run whose steps alternate between the modes, ``first`` first. Returns per mode the
+    steps (each from its reward call to the next call: generation, scoring, mixing, update), the
+    first step left out (the trainer's setup and one-off costs), and the differences CKKS minus
+    plaintext over consecutive pairs of steps (each step in one pair only)."""
     grid = InProcessGrid(make_client_app(), nodes)
-    channel = Channel(grid, f"bench-{mode}", root / "events.jsonl", timeout_s=600)
+    channel = Channel(grid, "bench", root / "events.jsonl", timeout_s=600)
     channel.train_all(timeout_s=600)
     n_prompts = grpo.prompts_per_step * 2
     data = make_server_sets("shapes", None, 0, 32, n_public=n_prompts, n_objective=8, n_eval=8)["public"]
     images, questions = [r["image"] for r in data], [r["question"] for r in data]
     policy = build_vlm("llava", vocabulary(), size="tiny", image_size=32, seed=0)
-    policy.save(root / f"policy-{mode}")  # TRL builds the frozen GRPO reference from this path
-    policy.model.config._name_or_path = str(root / f"policy-{mode}")
+    policy.save(root / "policy")  # TRL builds the frozen GRPO reference from this path
+    policy.model.config._name_or_path = str(root / "policy")
     feats = prompt_features(policy, images, questions)
     router = Router(feats.shape[1], channel.order)
     router.fit_projection(feats)
-    if mode == "ckks":
-        channel.use_ckks(load_server_kit(server_kit).ckks_context)
-        reward = EncryptedMixtureReward(channel, router, feats, images, questions)
-    else:
-        reward = MixtureReward(lambda i, q, r, x: channel.score(i, q, r, x, phase="grpo", purpose="bench"),
-                               router, feats, images, questions)
-    timed = _Timed(reward, _Parts())
+    channel.use_ckks(load_server_kit(server_kit).ckks_context)
+    rewards = {"ckks": EncryptedMixtureReward(channel, router, feats, images, questions),
+               "none": MixtureReward(lambda i, q, r, x: channel.score(i, q, r, x, phase="grpo", purpose="bench"),
+                                     router, feats, images, questions)}
+    reward = _Alternating(rewards, first, _Parts(), grid, channel)
     dataset = build_dataset(images, questions, [r["family"] for r in data])
     torch.manual_seed(0)
     load = os.getloadavg()[0]
-    with timed.parts.active():
-        run_grpo(policy, dataset, timed, grpo, out_dir=root / f"trainer-{mode}", seed=0, progress=False)
-    steps = grpo.steps
-    # one GRPO step = from one reward call to the next (generation, scoring, mixing, update):
-    # excludes the trainer's setup and the first step's one-off costs (kit loading, caches)
-    return {"step_s": float(np.median(np.diff(timed.starts))), "reward_s": float(np.median(timed.seconds[1:])),
-            "cpu_step_s": float(np.median(np.diff(timed.cpu_starts))),
-            "parts_ms": {k: 1e3 * v / (len(timed.starts) - 1) for k, v in timed.parts.seconds.items()},
-            "bytes_up": grid.bytes_up / steps, "bytes_down": grid.bytes_down / steps,
-            "ciphertext_bytes": channel.ciphertext_bytes / steps, "load_avg": load}
+    with reward.parts.active():
+        run_grpo(policy, dataset, reward, grpo, out_dir=root / "trainer", seed=0, progress=False)
+    calls = reward.calls
+    steps = [dict(c, step_s=n["start"] - c["start"], cpu_step_s=n["cpu_start"] - c["cpu_start"])
+             for c, n in zip(calls[1:], calls[2:])]
+    pairs = [(a, b) if a["mode"] == "none" else (b, a) for a, b in zip(steps[::2], steps[1::2])]
+    return {"steps": {m: [x for x in steps if x["mode"] == m] for m in MODES}, "load_avg": load,
+            "pair_diffs": {key: [c[key] - p[key] for p, c in pairs] for key in ("step_s", "cpu_step_s", "reward_cpu_s")}}
+
+
+def _medians(steps: list[dict]) -> dict:
+    """Step-wise medians of one mode's steps (each CKKS part and each counter too)."""
+    out = {key: statistics.median(x[key] for x in steps)
+           for key in ("step_s", "cpu_step_s", "reward_s", "reward_cpu_s", "bytes_up", "bytes_down", "ciphertext_bytes")}
+    labels = sorted({label for x in steps for label in x["parts_ms"]})
+    out["parts_ms"] = {label: statistics.median(x["parts_ms"].get(label, 0.0) for x in steps) for label in labels}
+    return out
 
 
 def _median_ms(fn, reps: int) -> float:
+    """Median CPU milliseconds of ``fn()`` in this thread (what other jobs on the machine disturb least)."""
     times = []
     for _ in range(reps):
-        start = time.perf_counter()
+        start = time.thread_time()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(time.thread_time() - start)
     return 1e3 * statistics.median(times)
 
 
 def ckks_step_costs(k: int, n: int, reps: int = 15) -> dict[str, float]:
-    """Milliseconds of CKKS work in one GRPO step of ``k`` clients and ``n`` responses, each
+    """CPU milliseconds of CKKS work in one GRPO step of ``k`` clients and ``n`` responses, each
     part timed alone (median of ``reps``) with the real functions: a client's encryption, the
     extra Flower serialisation of its reply (ciphertext vs plaintext scores), the server's checks
     and weighted sum, and the decryption round (request + reply serialisation, decryption).
     Stable where the end-to-end step times are not (a shared machine adds +-10% noise)."""
     from flwr.app import Message
 
-    from mor_secure.crypto import ckks
     from mor_secure.deploy.inproc import ensure_task_identity, wire_copy
     from mor_secure.federation import protocol as P
 
@@ -236,10 +267,11 @@ def bench_ckks(counts: tuple[int, ...] = (3, 16), steps: int = 4, repeats: int =
 
     The default step shape is the demo config's (16 prompts x 8 generations = 128 responses
     per step); CKKS cost is nearly flat in the number of responses (one ciphertext holds up to
-    4096), so smaller steps show a larger relative overhead.
+    2048), so smaller steps show a larger relative overhead.
     """
-    if steps < 2:
-        raise ConfigError(f"steps={steps} must be at least 2: a step is timed from one reward call to the next")
+    if steps < 4:
+        raise ConfigError(f"steps={steps} must be at least 4: the modes alternate step by step and the first step "
+                          "of a run is left out")
     torch.set_num_threads(1)
     grpo = GrpoSection(steps=steps, prompts_per_step=prompts_per_step, num_generations=num_generations,
                        max_completion_length=3)
@@ -248,37 +280,34 @@ def bench_ckks(counts: tuple[int, ...] = (3, 16), steps: int = 4, repeats: int =
         with tempfile.TemporaryDirectory(prefix=f"mor-bench-{k}-") as tmp:
             root = Path(tmp)
             nodes, server_kit = _prepare(root, bench_config(k))
-            _one_run("none", nodes, server_kit, GrpoSection(steps=2, prompts_per_step=2, num_generations=2,
+            _one_run("none", nodes, server_kit, GrpoSection(steps=4, prompts_per_step=2, num_generations=2,
                                                             max_completion_length=3), root)  # warm caches
-            runs: dict[str, list[dict]] = {"none": [], "ckks": []}
-            for r in range(repeats):
-                for mode in ("none", "ckks") if r % 2 == 0 else ("ckks", "none"):
-                    runs[mode].append(_one_run(mode, nodes, server_kit, grpo, root))
-        med = {m: _median_run(rs) for m, rs in runs.items()}
+            runs = [_one_run(MODES[r % 2], nodes, server_kit, grpo, root) for r in range(repeats)]
+        med = {m: _medians([x for run in runs for x in run["steps"][m]]) for m in MODES}
+        plain = med["none"]
         n = prompts_per_step * num_generations
         costs = ckks_step_costs(k, n)
-        rows.append({"clients": k, "responses_per_step": n, "plain": med["none"], "costs_ms": costs,
-                     "component_overhead_pct": 100.0 * costs["total_clients_in_turn"] / 1e3 / med["none"]["step_s"],
+
+        def pct(diffs: list[float], base: float) -> float:
+            return 100.0 * statistics.median(diffs) / base
+
+        rows.append({"clients": k, "responses_per_step": n, "plain": plain, "ckks": med["ckks"], "costs_ms": costs,
+                     "component_overhead_pct": 100.0 * costs["total_clients_in_turn"] / 1e3 / plain["cpu_step_s"],
                      "component_overhead_parallel_pct":
-                         100.0 * costs["total_clients_in_parallel"] / 1e3 / med["none"]["step_s"],
-                     "ckks": med["ckks"],
-                     "overhead_pct": 100.0 * (med["ckks"]["step_s"] / med["none"]["step_s"] - 1.0),
-                     "cpu_overhead_pct": 100.0 * (med["ckks"]["cpu_step_s"] / med["none"]["cpu_step_s"] - 1.0),
-                     # paired by repeat (the two runs of a repeat are adjacent in time): the noise band
-                     "overhead_pct_by_repeat": [100.0 * (c["step_s"] / p["step_s"] - 1.0)
-                                                for p, c in zip(runs["none"], runs["ckks"])],
-                     "cpu_overhead_pct_by_repeat": [100.0 * (c["cpu_step_s"] / p["cpu_step_s"] - 1.0)
-                                                    for p, c in zip(runs["none"], runs["ckks"])],
-                     "load_avg": [r["load_avg"] for rs in runs.values() for r in rs]})
+                         100.0 * costs["total_clients_in_parallel"] / 1e3 / plain["cpu_step_s"],
+                     # median of the CKKS - plaintext differences over consecutive steps, all runs pooled
+                     "overhead_pct": pct([d for r in runs for d in r["pair_diffs"]["step_s"]], plain["step_s"]),
+                     "cpu_overhead_pct": pct([d for r in runs for d in r["pair_diffs"]["cpu_step_s"]],
+                                             plain["cpu_step_s"]),
+                     "pairs": sum(len(r["pair_diffs"]["step_s"]) for r in runs),
+                     "reward_cpu_diff_ms": 1e3 * statistics.median(d for r in runs for d in r["pair_diffs"]["reward_cpu_s"]),
+                     # the same, run by run: the noise band
+                     "overhead_pct_by_repeat": [pct(r["pair_diffs"]["step_s"], _medians(r["steps"]["none"])["step_s"])
+                                                for r in runs],
+                     "cpu_overhead_pct_by_repeat": [pct(r["pair_diffs"]["cpu_step_s"],
+                                                        _medians(r["steps"]["none"])["cpu_step_s"]) for r in runs],
+                     "load_avg": [r["load_avg"] for r in runs]})
     return rows
-
-
-def _median_run(runs: list[dict]) -> dict:
-    """Key-wise median of ``_one_run`` results (the CKKS parts too, part by part)."""
-    out = {key: statistics.median(r[key] for r in runs) for key in runs[0] if key != "parts_ms"}
-    labels = sorted({label for r in runs for label in r["parts_ms"]})
-    out["parts_ms"] = {label: statistics.median(r["parts_ms"].get(label, 0.0) for r in runs) for label in labels}
-    return out
 
 
 def machine() -> str:
@@ -302,16 +331,17 @@ def _kb(n: float) -> str:
 
 
 def where_the_time_goes(row: dict) -> dict[str, float]:
-    """CPU ms per step of each CKKS part inside the CKKS runs (medians over repeats), the extra
+    """CPU ms per step of each CKKS part in the CKKS steps (medians over the steps), the extra
     serialisation of ciphertext replies over plaintext ones, their sum, and the measured CPU
-    difference between a CKKS step and a plaintext step."""
+    difference between a CKKS step and a plaintext step (median over consecutive pairs)."""
     p, c = row["plain"]["parts_ms"], row["ckks"]["parts_ms"]
     out = {"encrypt": c.get("encrypt", 0.0),
            "reply_serialisation_extra": c.get("wire query.score reply", 0.0) - p.get("wire query.score reply", 0.0),
            "server_check": c.get("server check", 0.0), "server_sum": c.get("server sum", 0.0),
            "decryption_round": c.get("decryption round", 0.0), "decrypt": c.get("decrypt", 0.0)}
     out["parts"] = sum(v for k, v in out.items() if k != "decrypt")
-    out["measured"] = 1e3 * (row["ckks"]["cpu_step_s"] - row["plain"]["cpu_step_s"])
+    out["measured"] = 10.0 * row["cpu_overhead_pct"] * row["plain"]["cpu_step_s"]  # median paired difference, ms
+    out["measured_reward_call"] = row["reward_cpu_diff_ms"]
     return out
 
 
@@ -325,12 +355,17 @@ def _intro(rows: list[dict], command: str, date: str) -> list[str]:
         "Idefics3, PaliGemma in turn) behind the real ClientApp, reached through an in-process Flower grid "
         "(every message deflated to Flower's wire objects and re-inflated; no network, no TLS, no polling); "
         "the real reward channel; a tiny LLaVA policy trained by TRL's GRPOTrainer with the demo's step shape. "
-        "Plaintext and CKKS runs alternate on the same client folders, `--repeats` times each, the order "
-        "swapped every repeat; a step is timed from one reward call to the next, so the trainer's setup and "
-        "the first step's one-off costs are excluded. Each step is timed on the wall clock and in process "
+        "Within each GRPO run the steps alternate between the plaintext and the CKKS reward (same channel, "
+        "router and clients), so consecutive steps differ only in how the mixture is formed and a change in "
+        "the machine's load shifts both alike; `--repeats` runs, each starting with the other mode. A step is "
+        "timed from one reward call to the next (generation, scoring, mixing, policy update); the first step of "
+        "each run (the trainer's setup, one-off costs) is left out. The overhead is the median of the "
+        "CKKS-minus-plaintext differences over consecutive pairs of steps (each step in one pair), relative "
+        "to the median plaintext step; the per-run figures show the noise band. Each step is timed on the "
+        "wall clock and in process "
         "CPU time: on a shared machine other jobs delay this process (wall) but add nothing to its CPU time, "
         "so the CPU figure is the steadier measure of what CKKS costs. The third table times each CKKS part "
-        "inside the CKKS runs (CPU time of the real functions); the fourth times each part alone.",
+        "inside the CKKS steps (CPU time of the real functions); the fourth times each part alone.",
         "",
         f"CKKS parameters (`ckks.CkksParams`, from `mor-secure provision`): N={params.poly_modulus_degree} "
         f"({params.poly_modulus_degree // 2} slots), moduli {params.coeff_mod_bit_sizes} bits "
@@ -354,14 +389,14 @@ def _reading(rows: list[dict]) -> list[str]:
         verdict = ("met on " + " and ".join(met)) if met else "missed"
         lines.append(
             f"- **{r['clients']} clients: CKKS adds {c:+.1f}% CPU time per step ({_pcts(r['cpu_overhead_pct_by_repeat'])} "
-            f"by repeat) and {w:+.1f}% wall-clock time ({_pcts(r['overhead_pct_by_repeat'])})"
+            f"run by run) and {w:+.1f}% wall-clock time ({_pcts(r['overhead_pct_by_repeat'])})"
             + (f": the {TARGET_PCT:.0f}% target is {verdict}.**" if r["clients"] == 3 else ".**")
-            + f" Inside the CKKS runs the CKKS parts take {t['parts']:.0f} ms of CPU per step (encryption "
+            + f" In the CKKS steps the CKKS parts take {t['parts']:.0f} ms of CPU per step (encryption "
             f"{t['encrypt']:.1f} ms for all clients, the server's checks and sum {t['server_check'] + t['server_sum']:.1f} ms, "
             f"the decryption round trip {t['decryption_round']:.1f} ms, of which {t['decrypt']:.1f} ms decrypting), "
-            f"{100 * t['parts'] / 1e3 / r['plain']['cpu_step_s']:.1f}% of a plaintext step's CPU time; the median CKKS "
-            f"step took {t['measured']:+.0f} ms of CPU against the median plaintext step (whole steps vary by more "
-            "than that from run to run: the per-repeat figures show by how much). Timed alone, the parts add "
+            f"{100 * t['parts'] / 1e3 / r['plain']['cpu_step_s']:.1f}% of a plaintext step's CPU time; between paired "
+            f"steps the reward call differed by {t['measured_reward_call']:+.0f} ms of CPU and the whole step by "
+            f"{t['measured']:+.0f} ms. Timed alone, the parts add "
             f"{costs['total_clients_in_turn']:.0f} ms ({r['component_overhead_pct']:.1f}%) with the clients in turn, "
             f"{costs['total_clients_in_parallel']:.0f} ms ({r['component_overhead_parallel_pct']:.1f}%) with the "
             "clients encrypting in parallel as on separate hosts.")
@@ -385,12 +420,12 @@ def _reading(rows: list[dict]) -> list[str]:
 def render(rows: list[dict], command: str, date: str) -> str:
     """The BENCHMARKS.md section body for ``rows`` (explanation, tables, reading)."""
     lines = _intro(rows, command, date) + [
-        "", "| clients | responses/step | GRPO step, plaintext (s) | GRPO step, CKKS (s) | wall-clock overhead "
-        "(median; per repeat) | CPU per step, plaintext (s) | CPU per step, CKKS (s) | CPU overhead (median; per "
-        "repeat) | reward call, plaintext (s) | reward call, CKKS (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        "", "| clients | responses/step | step pairs | GRPO step, plaintext (s) | GRPO step, CKKS (s) | wall-clock "
+        "overhead (median; per run) | CPU per step, plaintext (s) | CPU per step, CKKS (s) | CPU overhead (median; "
+        "per run) | reward call, plaintext (s) | reward call, CKKS (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p, c = r["plain"], r["ckks"]
-        lines.append(f"| {r['clients']} | {r['responses_per_step']} | {p['step_s']:.3f} | {c['step_s']:.3f} | "
+        lines.append(f"| {r['clients']} | {r['responses_per_step']} | {r['pairs']} | {p['step_s']:.3f} | {c['step_s']:.3f} | "
                      f"{r['overhead_pct']:+.1f}% ({_pcts(r['overhead_pct_by_repeat'])}) | {p['cpu_step_s']:.3f} | "
                      f"{c['cpu_step_s']:.3f} | {r['cpu_overhead_pct']:+.1f}% ({_pcts(r['cpu_overhead_pct_by_repeat'])}) | "
                      f"{p['reward_s']:.3f} | {c['reward_s']:.3f} |")
@@ -400,16 +435,16 @@ def render(rows: list[dict], command: str, date: str) -> str:
         p, c = r["plain"], r["ckks"]
         lines.append(f"| {r['clients']} | {_kb(c['ciphertext_bytes'])} | {_kb(p['bytes_up'])} | {_kb(c['bytes_up'])} | "
                      f"{_kb(p['bytes_down'])} | {_kb(c['bytes_down'])} |")
-    lines += ["", "Where the CPU time goes inside the CKKS runs (ms per step, median over repeats):", "",
+    lines += ["", "Where the CPU time goes in the CKKS steps (ms per step, medians over the steps):", "",
               "| clients | encrypt (all clients) | ciphertext replies' serialisation, extra | server check | "
-              "server sum | decryption round trip (decryption) | CKKS parts | CKKS step - plaintext step (CPU) |",
-              "|---|---|---|---|---|---|---|---|"]
+              "server sum | decryption round trip (decryption) | CKKS parts | CKKS - plaintext, reward call (CPU, paired) | "
+              "CKKS - plaintext, whole step (CPU, paired) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = where_the_time_goes(r)
         lines.append(f"| {r['clients']} | {t['encrypt']:.1f} | {t['reply_serialisation_extra']:.1f} | "
                      f"{t['server_check']:.1f} | {t['server_sum']:.1f} | {t['decryption_round']:.1f} "
-                     f"({t['decrypt']:.1f}) | {t['parts']:.1f} | {t['measured']:.1f} |")
-    lines += ["", "CKKS work per step, each part timed alone (median of 15, ms) and as a share of the plaintext step:",
+                     f"({t['decrypt']:.1f}) | {t['parts']:.1f} | {t['measured_reward_call']:.1f} | {t['measured']:.1f} |")
+    lines += ["", "CKKS work per step, each part timed alone (median of 15, CPU ms) and as a share of the plaintext step's CPU time:",
               "", "| clients | encrypt (per client) | reply serialisation, extra (per client) | server check + sum | "
               "decryption round | total, clients in turn | total, clients in parallel |", "|---|---|---|---|---|---|---|"]
     for r in rows:
