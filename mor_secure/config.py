@@ -47,10 +47,23 @@ class DataSection(_Strict):
         description="Share of each client's pairs whose rejected response is off-topic or empty (format preference).")
 
 
+class PerceptionSection(_Strict):
+    """Perception pre-training of a randomly initialised model (``alignment/perception.py``): an
+    unlabelled autoencoder on the benchmark's *public* images (never a client's records, so it
+    costs no privacy). A real checkpoint already sees: leave ``steps`` at 0 there."""
+
+    steps: int = Field(0, ge=0, description="0 (default) turns it off.")
+    images: int = Field(400, ge=1, description="Public images generated for it (the server's public set).")
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    resolution: int = Field(8, ge=2, le=64, description="Side of the low-resolution copy the decoder rebuilds.")
+
+
 class ModelSpec(_Strict):
     family: str = Field("llava", description=f"One of {sorted(MODEL_FAMILIES)}.")
     size: str = Field("tiny", description=f"Preset for randomly initialised models: {sorted(SIZES)}.")
     checkpoint: str | None = Field(None, description="Local save_pretrained folder of a real model.")
+    perception: PerceptionSection = PerceptionSection()
 
     @field_validator("family")
     @classmethod
@@ -65,6 +78,13 @@ class ModelSpec(_Strict):
         if v not in SIZES:
             raise ValueError(f"must be one of {sorted(SIZES)}; found {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _perception_only_for_random_models(self) -> "ModelSpec":
+        if self.checkpoint and self.perception.steps:
+            raise ValueError("perception.steps must be 0 with a checkpoint: perception pre-training is for "
+                             "randomly initialised models (a real checkpoint already sees); remove one of the two")
+        return self
 
 
 class PrivacySection(_Strict):
@@ -137,19 +157,8 @@ class WarmupSection(_Strict):
     batch_size: int = Field(32, ge=1)
 
 
-class PerceptionSection(_Strict):
-    """Unlabelled autoencoding of the public images before the warm-up (alignment/perception.py).
-    For randomly initialised models only; a real checkpoint already sees, so leave steps at 0."""
-
-    steps: int = Field(0, ge=0, description="0 (default) turns it off.")
-    lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(32, ge=1)
-    resolution: int = Field(8, ge=2, le=64, description="Side of the low-resolution copy the decoder rebuilds.")
-
-
 class PolicySection(_Strict):
     model: ModelSpec = ModelSpec()
-    perception: PerceptionSection = PerceptionSection()
     warmup: WarmupSection = WarmupSection()
 
 

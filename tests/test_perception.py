@@ -4,7 +4,15 @@ image path (vision tower + projector) of any supported family, and learns."""
 import pytest
 import torch
 
-from mor_secure.alignment.perception import IMAGE_PATH, input_embeddings, pooled_image_features, pretrain_perception
+from mor_secure.alignment.perception import (
+    IMAGE_PATH,
+    build_base_model,
+    input_embeddings,
+    pooled_image_features,
+    pretrain_perception,
+)
+from mor_secure.config import ModelSpec, load_config
+from mor_secure.errors import ConfigError
 from mor_secure.data import make_samples, vocabulary
 from mor_secure.models.factory import build_vlm
 
@@ -45,3 +53,23 @@ def test_input_embeddings_are_what_the_language_model_receives(family):
     with torch.no_grad():
         full = vlm.model.model(**batch, output_hidden_states=True).hidden_states[0]
         assert torch.allclose(input_embeddings(vlm, batch), full)
+
+
+def test_base_model_with_perception_is_deterministic_and_differs_from_the_random_one():
+    spec = ModelSpec(family="paligemma", perception={"steps": 5, "images": 16, "batch_size": 8})
+    kwargs = dict(track="shapes", image_size=32, data_seed=0, model_seed=7, progress=False)
+    a, losses = build_base_model(spec, **kwargs)
+    b, _ = build_base_model(spec, **kwargs)
+    plain, none = build_base_model(ModelSpec(family="paligemma"), **kwargs)
+    assert len(losses) == 5 and none == []
+    sa, sb, sp = a.model.state_dict(), b.model.state_dict(), plain.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # server, clients and a resumed run rebuild the same model
+    assert any(not torch.equal(sa[k], sp[k]) for k in sa if any(part in k for part in IMAGE_PATH))
+
+
+def test_perception_with_a_checkpoint_is_refused_by_name(tmp_path):
+    text = (tmp_path / "c.yaml")
+    text.write_text("clients:\n  - name: a\n    families: [colour]\n"
+                    "policy:\n  model: {checkpoint: /models/real, perception: {steps: 10}}\n")
+    with pytest.raises(ConfigError, match="perception.steps"):
+        load_config(text)

@@ -28,10 +28,10 @@ import torch
 
 from mor_secure.config import ClientSection
 from mor_secure.crypto import ckks
-from mor_secure.data import load_split, vocabulary
+from mor_secure.alignment.perception import build_base_model
+from mor_secure.data import get_family, load_split
 from mor_secure.errors import ConfigError
 from mor_secure.federation.protocol import DecryptRequest, ScoreRequest
-from mor_secure.models.factory import build_vlm, load_vlm
 from mor_secure.privacy.budget import Budget, BudgetGuard
 from mor_secure.privacy.events import GaussianScoreRelease
 from mor_secure.privacy.ledger import Ledger, load_signing_key
@@ -116,12 +116,13 @@ class ClientNode:
             self.guard.authorize(event, context)
 
     # -- phase 1 ---------------------------------------------------------------------------------
-    def build_backbone(self):
-        spec = self.config.model
-        if spec.checkpoint:
-            return load_vlm(spec.checkpoint)
-        return build_vlm(spec.family, vocabulary(), size=spec.size, image_size=self.setup.image_size,
-                         seed=self.setup.seed + 1000 + sum(map(ord, self.name)))
+    def build_backbone(self, progress: bool = False):
+        """A local checkpoint, or a random model (perception pre-trained on *public* images only,
+        when the config asks: no record of this client is used, so it costs no privacy)."""
+        vlm, _ = build_base_model(self.config.model, track=get_family(self.config.families[0]).track,
+                                  image_size=self.setup.image_size, data_seed=self.setup.seed,
+                                  model_seed=self.setup.seed + 1000 + sum(map(ord, self.name)), progress=progress)
+        return vlm
 
     def train(self, run_id: str, *, progress: bool = True) -> str:
         """Train the RM (once; a finished RM on disk is reused on resume). Returns its model class."""
@@ -134,7 +135,7 @@ class ClientNode:
         settings = TrainSettings(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer, dp=p.dp_sgd,
                                  target_epsilon=p.epsilon, delta=p.delta, max_grad_norm=p.max_grad_norm,
                                  seed=self.setup.seed)
-        vlm = self.build_backbone()
+        vlm = self.build_backbone(progress)
         rm = RewardModel(vlm, lora_r=t.lora_r, seed=self.setup.seed,
                          lora_targets=VISION_LORA_TARGETS if t.lora_vision else LORA_TARGETS)
         context = {"run_id": run_id, "phase": "rm_training", "purpose": "DP-SGD training of the reward model",

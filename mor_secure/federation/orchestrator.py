@@ -21,14 +21,14 @@ import torch
 from flwr.serverapp import Grid
 
 from mor_secure.alignment.grpo import MixtureReward, build_dataset, run_grpo
-from mor_secure.alignment.perception import pretrain_perception
+from mor_secure.alignment.perception import build_base_model
 from mor_secure.alignment.policy import generate_answers, oracle_accuracy, prompt_features, warmup
 from mor_secure.config import RunConfig, load_config
-from mor_secure.data import load_split, vocabulary
+from mor_secure.data import load_split
 from mor_secure.errors import ConfigError
 from mor_secure.federation.channel import Channel, EncryptedMixtureReward, server_public_context
 from mor_secure.federation.resume import RunLock, checkpoint_history, checkpoint_step, last_checkpoint
-from mor_secure.models.factory import build_vlm, load_vlm
+from mor_secure.models.factory import load_vlm
 from mor_secure.rewards.router import Router, RouterFit, fit_router, masked_weights
 
 log = logging.getLogger(__name__)
@@ -157,16 +157,9 @@ class Orchestrator:
     # -- base policy ------------------------------------------------------------------------------
     def base_policy(self):
         t = self.phase("warmup")
-        spec = self.cfg.policy.model
-        if spec.checkpoint:
-            policy = load_vlm(spec.checkpoint)
-        else:
-            policy = build_vlm(spec.family, vocabulary(), size=spec.size, image_size=self.cfg.data.image_size,
-                               seed=self.cfg.run.seed)
-        pc = self.cfg.policy.perception
-        perception = pretrain_perception(policy, [r["image"] for r in self.public], steps=pc.steps, lr=pc.lr,
-                                         batch_size=pc.batch_size, resolution=pc.resolution,
-                                         seed=self.cfg.run.seed, progress=self.progress)
+        policy, perception = build_base_model(self.cfg.policy.model, track=self.cfg.data.track,
+                                              image_size=self.cfg.data.image_size, data_seed=self.cfg.run.seed,
+                                              model_seed=self.cfg.run.seed, progress=self.progress)
         w = self.cfg.policy.warmup
         losses = warmup(policy, [r["image"] for r in self.public], [r["family"] for r in self.public],
                         epochs=w.epochs, lr=w.lr, batch_size=w.batch_size, seed=self.cfg.run.seed,
