@@ -3,7 +3,9 @@
 The warm-up teaches the *format* only: for each public prompt the target answer is drawn
 uniformly from that family's answer words, never from the oracle. So the base policy answers
 in the right vocabulary at about chance accuracy, and everything above chance after GRPO
-comes from the clients' (private, mixed) preferences.
+comes from the clients' (private, mixed) preferences. A randomly initialised policy is first
+given perception (``alignment/perception.py``: an unlabelled autoencoder on the public images,
+no answers at all), which leaves it at chance too.
 """
 
 from __future__ import annotations
