@@ -385,21 +385,31 @@ def _reading(rows: list[dict]) -> list[str]:
     for r in rows:
         w, c, t = r["overhead_pct"], r["cpu_overhead_pct"], where_the_time_goes(r)
         costs = r["costs_ms"]
-        met = [name for name, x in (("CPU time", c), ("wall clock", w)) if x <= TARGET_PCT]
-        verdict = ("met on " + " and ".join(met)) if met else "missed"
+        share = 100 * t["parts"] / 1e3 / r["plain"]["cpu_step_s"]
+        runs = r["cpu_overhead_pct_by_repeat"]
+        if share > TARGET_PCT:
+            verdict = "missed"
+        elif c <= TARGET_PCT:
+            verdict = "met, part by part and end to end"
+        else:
+            verdict = f"met part by part ({share:.1f}%), not shown end to end"
+        noisy = min(runs) < 0 or max(runs) - min(runs) > TARGET_PCT
         lines.append(
-            f"- **{r['clients']} clients: CKKS adds {c:+.1f}% CPU time per step ({_pcts(r['cpu_overhead_pct_by_repeat'])} "
-            f"run by run) and {w:+.1f}% wall-clock time ({_pcts(r['overhead_pct_by_repeat'])})"
+            f"- **{r['clients']} clients: the CKKS parts take {t['parts']:.0f} ms of CPU per step, {share:.1f}% of a "
+            f"plaintext step's CPU time"
             + (f": the {TARGET_PCT:.0f}% target is {verdict}.**" if r["clients"] == 3 else ".**")
-            + f" In the CKKS steps the CKKS parts take {t['parts']:.0f} ms of CPU per step (encryption "
-            f"{t['encrypt']:.1f} ms for all clients, the server's checks and sum {t['server_check'] + t['server_sum']:.1f} ms, "
-            f"the decryption round trip {t['decryption_round']:.1f} ms, of which {t['decrypt']:.1f} ms decrypting), "
-            f"{100 * t['parts'] / 1e3 / r['plain']['cpu_step_s']:.1f}% of a plaintext step's CPU time; between paired "
-            f"steps the reward call differed by {t['measured_reward_call']:+.0f} ms of CPU and the whole step by "
-            f"{t['measured']:+.0f} ms. Timed alone, the parts add "
-            f"{costs['total_clients_in_turn']:.0f} ms ({r['component_overhead_pct']:.1f}%) with the clients in turn, "
-            f"{costs['total_clients_in_parallel']:.0f} ms ({r['component_overhead_parallel_pct']:.1f}%) with the "
-            "clients encrypting in parallel as on separate hosts.")
+            + f" (Encryption {t['encrypt']:.1f} ms for all clients, the server's checks and sum "
+            f"{t['server_check'] + t['server_sum']:.1f} ms, the decryption round trip {t['decryption_round']:.1f} ms, of "
+            f"which {t['decrypt']:.1f} ms decrypting.) Whole steps: CKKS adds {c:+.1f}% CPU time "
+            f"({_pcts(runs)} run by run) and {w:+.1f}% wall-clock time ({_pcts(r['overhead_pct_by_repeat'])}); between "
+            f"paired steps the reward call differed by {t['measured_reward_call']:+.0f} ms of CPU and the whole step by "
+            f"{t['measured']:+.0f} ms."
+            + (f" Differences this small are inside this machine's step-to-step noise (the run-by-run values span "
+               f"{min(runs):+.0f} to {max(runs):+.0f} points), so the parts measured inside the steps are the firmer "
+               "figure." if noisy else "")
+            + f" Timed alone, the parts add {costs['total_clients_in_turn']:.0f} ms ({r['component_overhead_pct']:.1f}%) "
+            f"with the clients in turn, {costs['total_clients_in_parallel']:.0f} ms "
+            f"({r['component_overhead_parallel_pct']:.1f}%) with the clients encrypting in parallel as on separate hosts.")
     lines += [
         f"- **Bytes.** One ciphertext holds up to {ckks.slot_count()} scores whatever the number of responses: "
         + "; ".join(f"{_kb(r['ckks']['ciphertext_bytes'])} of ciphertexts per step at {r['clients']} clients (the "
