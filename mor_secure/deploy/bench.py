@@ -322,8 +322,12 @@ TITLE = "CKKS aggregation per GRPO step"
 TARGET_PCT = 5.0  # issue target: CKKS adds at most 5% per GRPO step at 3 clients
 
 
+def _pct(x: float) -> str:
+    return f"{int(round(x)):+d}"  # never "-0"
+
+
 def _pcts(values: list[float]) -> str:
-    return ", ".join(f"{x:+.0f}%" for x in values)
+    return ", ".join(f"{_pct(x)}%" for x in values)
 
 
 def _kb(n: float) -> str:
@@ -405,7 +409,7 @@ def _reading(rows: list[dict]) -> list[str]:
             f"paired steps the reward call differed by {t['measured_reward_call']:+.0f} ms of CPU and the whole step by "
             f"{t['measured']:+.0f} ms."
             + (f" Differences this small are inside this machine's step-to-step noise (the run-by-run values span "
-               f"{min(runs):+.0f} to {max(runs):+.0f} points), so the parts measured inside the steps are the firmer "
+               f"{_pct(min(runs))} to {_pct(max(runs))} points), so the parts measured inside the steps are the firmer "
                "figure." if noisy else "")
             + f" Timed alone, the parts add {costs['total_clients_in_turn']:.0f} ms ({r['component_overhead_pct']:.1f}%) "
             f"with the clients in turn, {costs['total_clients_in_parallel']:.0f} ms "
