@@ -9,6 +9,7 @@
   mor-secure client init CONFIG --name N --out DIR [--kit KIT]   prepare a SuperNode's own client folder
   mor-secure bench ckks [--clients 3,16] [--steps S]             CKKS aggregation cost per GRPO step
   mor-secure bench perf [--repeats N] [--clients 3,...,64] [--quick]  DP-SGD, Flower and scaling ratios
+  mor-secure bench alignment [--tracks ...] [--seeds N] [--methods ...]  MoR against the baselines
   mor-secure audit privacy CONFIG [--out JSON]                   one-run canary audit: epsilon lower bounds
 """
 
@@ -18,6 +19,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from mor_secure.errors import MorSecureError
@@ -182,6 +184,45 @@ def cmd_bench_perf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_alignment(args: argparse.Namespace) -> int:
+    from mor_secure.bench import alignment
+    from mor_secure.bench.perf import default_out
+
+    repo = default_out().parent
+    opts = alignment.Options(
+        tracks=[t for t in args.tracks.split(",") if t], seeds=args.seeds,
+        methods=[m for m in args.methods.split(",") if m],
+        epsilons=[float(e) for e in args.epsilons.split(",") if e], grpo_steps=args.grpo_steps,
+        fedavg_rounds=args.fedavg_rounds, quick=args.quick,
+        configs={k: v for k, v in (("shapes", args.shapes_config), ("digits", args.digits_config)) if v},
+        overrides=args.set,
+        work_dir=Path(args.work_dir) if args.work_dir else repo / "runs" / ("bench-alignment-quick" if args.quick
+                                                                             else "bench-alignment"),
+        results=Path(args.results) if args.results else repo / "benchmarks" / (
+            "alignment_results_quick.json" if args.quick else "alignment_results.json"),
+        fresh=args.fresh, progress=not args.no_progress)
+    defaults = vars(build_parser().parse_args(["bench", "alignment"]))
+    skip = ("func", "out", "results", "work_dir", "plots", "no_progress", "fresh", "report_only")
+    given = [(k, v) for k, v in vars(args).items() if k in defaults and k not in skip and v != defaults[k]]
+    parts = []
+    for k, v in given:
+        for item in (v if isinstance(v, list) else [v]):
+            parts.append(f"--{k.replace('_', '-')}" + ("" if item is True else f" {item}"))
+    command = " ".join(["mor-secure bench alignment", *parts])
+    start = time.perf_counter()
+    results = alignment.load_results(opts.results) if args.report_only else alignment.run_bench(opts, command=command)
+    out = Path(args.out) if args.out else (None if args.quick else default_out())
+    if out is None:
+        print(f"results: {opts.results} (--quick writes BENCHMARKS.md only with --out)")
+        return 0
+    plots = Path(args.plots) if args.plots else out.parent / "benchmarks"
+    body = alignment.write_report(results, out, plots, full_command="mor-secure bench alignment",
+                                  wall_s=None if args.report_only else time.perf_counter() - start)
+    print(body)
+    print(f"written: section '{alignment.SECTION}' of {out}; plots in {plots}; results {opts.results}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mor-secure", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -278,6 +319,38 @@ def build_parser() -> argparse.ArgumentParser:
     bench_perf.add_argument("--json", help="also write the raw results as JSON")
     bench_perf.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench_perf.set_defaults(func=cmd_bench_perf)
+    bench_al = bench.add_parser("alignment", help="MoR against the baselines (single RM, uniform, FedAvg, "
+                                "centralized) at several epsilons: oracle accuracy after GRPO, mean +- std over seeds")
+    bench_al.add_argument("--tracks", default="shapes,digits,shapes-heldout,digits-heldout",
+                          help="comma-separated: shapes, digits, and their -heldout variants (one family owned by "
+                               "no client: generalisation)")
+    bench_al.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per track")
+    bench_al.add_argument("--methods", default="base,single,uniform,fedavg,centralized,mor",
+                          help="comma-separated subset of base, single, uniform, fedavg, centralized, mor (MoR "
+                               "without DP and at every --epsilons), or single MoR rows such as mor:eps8, mor:nodp")
+    bench_al.add_argument("--epsilons", default="1,4,8", help="client DP-SGD epsilons of the MoR rows")
+    bench_al.add_argument("--grpo-steps", type=int, default=None, help="GRPO steps per method (default: the config's)")
+    bench_al.add_argument("--fedavg-rounds", type=int, default=5,
+                          help="FedAvg rounds (the clients' epochs are split across them)")
+    bench_al.add_argument("--shapes-config", default=None, help="config of the shapes track (default configs/demo.yaml)")
+    bench_al.add_argument("--digits-config", default=None,
+                          help="config of the digits track (default configs/bench_digits.yaml)")
+    bench_al.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="override every track's config, as for `mor-secure run` (repeatable); clients.*.KEY "
+                               "sets it for every client, e.g. --set clients.*.training.epochs=4")
+    bench_al.add_argument("--quick", action="store_true",
+                          help="tiny sizes (smoke test); writes BENCHMARKS.md only with an explicit --out")
+    bench_al.add_argument("--out", help="BENCHMARKS.md whose 'alignment' section is replaced (default: the repository's)")
+    bench_al.add_argument("--plots", help="folder for the PNG plots (default: benchmarks/ beside --out)")
+    bench_al.add_argument("--results", help="results JSON, rewritten after every method; a rerun with the same "
+                          "settings continues from it (default: benchmarks/alignment_results.json)")
+    bench_al.add_argument("--work-dir", help="client folders, reward models, base policies (default: "
+                          "runs/bench-alignment)")
+    bench_al.add_argument("--fresh", action="store_true", help="ignore stored results and measure everything again")
+    bench_al.add_argument("--report-only", action="store_true",
+                          help="only rebuild the section and plots from the results JSON")
+    bench_al.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bench_al.set_defaults(func=cmd_bench_alignment)
 
     audit = sub.add_parser("audit", help="privacy audits").add_subparsers(dest="audit_cmd", required=True)
     audit_privacy = audit.add_parser("privacy", help="one-run canary audit of DP-SGD reward-model training "

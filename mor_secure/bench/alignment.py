@@ -1,0 +1,1190 @@
+"""``mor-secure bench alignment``: MoR against the baselines on the project's own benchmark (DESIGN.md §6).
+
+Each track is a config file (``configs/demo.yaml`` for shapes, ``configs/bench_digits.yaml`` for
+digits). For every track and seed, every method aligns **the same base policy** with TRL's
+GRPOTrainer on the same public prompts, for the same number of steps, with the same group size,
+learning rate and KL penalty to the same frozen reference, and is scored by the oracle on the same
+held-out evaluation prompts (a completion is right when its first word is the right answer).
+The methods differ only in the reward:
+
+``base``
+    no alignment: the base policy (perception pre-training, then the format warm-up).
+``single:<client>``
+    one client's reward model alone (DP-SGD at the config's epsilon), its clipped, noised scores
+    fetched through Flower.
+``uniform``
+    every client's scores with equal weights and no calibration (no router).
+``fedavg``
+    one reward model of the policy's architecture trained by federated averaging: Flower's
+    ``FedAvg`` strategy (``flwr.serverapp.strategy``) over real Flower messages to a ClientApp
+    in which each client trains that architecture locally with DP-SGD on its own pairs, every
+    client starting each round from the averaged LoRA, projector and head parameters (the frozen
+    backbone is the same for everyone: the same architecture built from the same seed). Each
+    client calibrates its per-round noise so that all rounds together meet its epsilon (the
+    config's), and its ledger and budget guard check every round; the server then scores with
+    the averaged model itself (clipped and noised like a client's scores). It shows what
+    parameter averaging gives when the clients' tasks differ.
+``centralized``
+    one reward model of the policy's architecture trained **without DP** on every client's pairs
+    pooled in one place: the upper bound that ignores both privacy and federation.
+``mor:nodp``
+    Mixture-of-Rewards with clients that train without DP and release unnoised scores.
+``mor:eps<E>``
+    Mixture-of-Rewards as ``mor-secure run`` does it: each client trains with DP-SGD at epsilon E
+    (its budget is E too), the server fits the router on the objective set from the clients'
+    noised scores and runs GRPO on the router-mixed scores.
+
+**Generalisation.** A track named ``<track>-heldout`` is the track's config with one family
+(:data:`HELDOUT`) removed from every client's families; a client left with no family leaves the
+consortium. The server's public, objective and evaluation prompts still cover every family, so
+the held-out family's accuracy says how far each reward carries to questions no client has
+correct preferences on (its images still appear among the 10% "foreign" pairs, whose labels are
+coin flips, and in malformed-answer rejections, which teach only the answer format).
+
+**Shared work.** Per track and seed the base policy is built once (and shared with the
+``-heldout`` variant: the server's prompts and the policy's seed are the same); each privacy
+setting's client reward models are trained once by ``ClientNode.train`` (the code the ClientApp's
+train handler runs), in client folders made by ``client init``'s ``init_client_folder``, and
+reached through the real ClientApp behind an in-process Flower grid (``deploy.inproc``) and the
+reward channel (``federation.channel``); they serve the single-client, uniform and MoR rows.
+Results go to a JSON file after every method, so an interrupted run keeps what it measured and,
+rerun with the same settings, continues with the methods still missing (trained reward models and
+base policies are reused from the work folder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mor_secure.config import RunConfig, load_config, parse_config
+from mor_secure.errors import ConfigError
+
+#: The family each track's ``-heldout`` variant removes from every client.
+HELDOUT = {"shapes": "size", "digits": "greater"}
+DEFAULT_CONFIGS = {"shapes": "configs/demo.yaml", "digits": "configs/bench_digits.yaml"}
+ALL_TRACKS = ("shapes", "digits", "shapes-heldout", "digits-heldout")
+METHOD_KINDS = ("base", "single", "uniform", "fedavg", "centralized", "mor")
+DEFAULT_EPSILONS = (1.0, 4.0, 8.0)
+RESULTS_VERSION = 1
+SECTION = "alignment"
+TITLE = "MoR against the baselines: oracle accuracy after GRPO"
+
+#: ``--quick``: tiny sizes for the smoke test (seconds per method), same code path.
+QUICK = {
+    "data": {"pairs_per_client": 32, "heldout_pairs_per_client": 8, "public_prompts": 16, "objective_pairs": 16,
+             "eval_prompts": 15},
+    "training": {"epochs": 2, "batch_size": 16, "lora_r": 4},
+    "policy": {"model": {"perception": {"steps": 4, "images": 16, "batch_size": 8}},
+               "warmup": {"epochs": 1, "batch_size": 8}},
+    "model": {"perception": {"steps": 4, "images": 16, "batch_size": 8}},  # every client's
+    "router": {"steps": 20},
+    "grpo": {"steps": 2, "prompts_per_step": 2, "num_generations": 2},
+}
+
+
+# -- configuration ---------------------------------------------------------------------------------
+def _eps_label(eps: float) -> str:
+    return f"eps{eps:g}"
+
+
+def method_label(method: str) -> str:
+    """A row's name in the tables and plots."""
+    if method == "base":
+        return "base policy (no alignment)"
+    if method.startswith("single:"):
+        return f"single RM: {method.split(':', 1)[1]}"
+    if method == "uniform":
+        return "uniform mixture (no router)"
+    if method == "fedavg":
+        return "FedAvg RM (same architecture)"
+    if method == "centralized":
+        return "centralized RM, no DP (upper bound)"
+    if method == "mor:nodp":
+        return "MoR, no DP"
+    if method.startswith("mor:eps"):
+        return f"MoR, ε = {method[len('mor:eps'):]}"
+    return method
+
+
+@dataclass(frozen=True)
+class Track:
+    """One benchmark track: its config (after --quick and --grpo-steps), and its held-out families."""
+
+    name: str
+    base: str  # the track of the data ("shapes" / "digits")
+    config_path: str
+    cfg: RunConfig
+    heldout: tuple[str, ...] = ()
+
+    @property
+    def clients(self) -> list[str]:
+        return [c.name for c in self.cfg.clients]
+
+    @property
+    def ref_epsilon(self) -> float:
+        """The config's DP-SGD epsilon: single-client, uniform and FedAvg rows use it (MoR at it too)."""
+        eps = {c.privacy.epsilon for c in self.cfg.clients if c.privacy.dp_sgd}
+        if len(eps) != 1:
+            raise ConfigError(f"{self.config_path}: bench alignment needs every client at the same DP-SGD epsilon "
+                              f"(found {sorted(eps) or 'no DP-SGD client'})")
+        return float(eps.pop())
+
+    def fingerprint(self, extra: dict) -> str:
+        blob = json.dumps({"config": self.cfg.to_dict(), "heldout": self.heldout, **extra}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _deep_update(node: dict, updates: dict) -> None:
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(node.get(key), dict):
+            _deep_update(node[key], value)
+        else:
+            node[key] = value
+
+
+def load_track(name: str, config_path: str | None = None, *, quick: bool = False,
+               grpo_steps: int | None = None, overrides: Sequence[str] = ()) -> Track:
+    """The track ``name`` (``shapes``, ``digits``, or either with ``-heldout``) from its config.
+
+    ``overrides`` are ``mor-secure run --set`` items (``grpo.steps=60``), applied after ``quick``;
+    ``clients.*.`` applies one to every client (``clients.*.training.epochs=4``)."""
+    from mor_secure.config import apply_override
+
+    base, _, variant = name.partition("-")
+    if base not in DEFAULT_CONFIGS or variant not in ("", "heldout"):
+        raise ConfigError(f"unknown track {name!r}; use one of {', '.join(ALL_TRACKS)}")
+    path = config_path or DEFAULT_CONFIGS[base]
+    data = load_config(path).to_dict()
+    if data["data"]["track"] != base:
+        raise ConfigError(f"{path} is a {data['data']['track']!r} config, not {base!r}")
+    if quick:
+        _deep_update(data, {k: v for k, v in QUICK.items() if k not in ("training", "model")})
+        for client in data["clients"]:
+            _deep_update(client["training"], QUICK["training"])
+            if not client["model"].get("checkpoint"):
+                _deep_update(client["model"], QUICK["model"])
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if key.startswith("clients.*.") and sep:
+            for i in range(len(data["clients"])):
+                apply_override(data, f"clients.{i}.{key[len('clients.*.'):]}={value}")
+        else:
+            apply_override(data, item)
+    if grpo_steps is not None:
+        data["grpo"]["steps"] = int(grpo_steps)
+    heldout: tuple[str, ...] = ()
+    if variant == "heldout":
+        fam = HELDOUT[base]
+        heldout = (fam,)
+        for client in data["clients"]:
+            client["families"] = [f for f in client["families"] if f != fam]
+        data["clients"] = [c for c in data["clients"] if c["families"]]
+        if not data["clients"]:
+            raise ConfigError(f"{path}: every client owns only {fam!r}; nothing is left for {name}")
+    cfg = parse_config(data, f"{path} ({name})")
+    return Track(name, base, str(path), cfg, heldout)
+
+
+def client_config(cfg: RunConfig, setting: str, *, family: str | None = None) -> RunConfig:
+    """``cfg`` with every client at one privacy setting: ``eps<E>`` (DP-SGD at E, budget E) or
+    ``nodp`` (no DP-SGD, unnoised scores, flagged as a non-private comparison run); ``family``
+    gives every client that model architecture (FedAvg)."""
+    data = cfg.to_dict()
+    for client in data["clients"]:
+        privacy, budget = client["privacy"], client["budget"]
+        if setting == "nodp":
+            privacy.update(dp_sgd=False, allow_non_private=True)
+            client["scores"]["noise_std"] = 0.0
+        elif setting.startswith("eps"):
+            eps = float(setting[3:])
+            privacy.update(dp_sgd=True, epsilon=eps)
+            budget.update(epsilon=eps, delta=max(budget["delta"], privacy["delta"]))
+        else:
+            raise ConfigError(f"unknown privacy setting {setting!r}")
+        if family is not None:
+            client["model"] = {**cfg.policy.model.model_dump(mode="json"), "family": family}
+    return parse_config(data, f"<bench alignment: {setting}>")
+
+
+def expand_methods(kinds: Sequence[str], clients: Sequence[str], epsilons: Sequence[float],
+                   ref_eps: float) -> list[str]:
+    """Row ids in display order: base, single:<c>..., uniform, fedavg, centralized, mor:nodp, mor:eps<E>..."""
+    unknown = [k for k in kinds if k not in METHOD_KINDS and not k.startswith("mor:")]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {unknown}; use {', '.join(METHOD_KINDS)} (or mor:nodp, mor:eps8)")
+    out: list[str] = []
+    for kind in METHOD_KINDS:
+        if kind not in kinds:
+            continue
+        if kind == "single":
+            out += [f"single:{c}" for c in clients]
+        elif kind == "mor":
+            out += ["mor:nodp"] + [f"mor:{_eps_label(e)}" for e in sorted(epsilons)]
+        else:
+            out.append(kind)
+    for k in kinds:  # explicit MoR variants (mor:nodp, mor:eps4)
+        if k.startswith("mor:") and k not in out:
+            try:
+                label = "mor:nodp" if k == "mor:nodp" else f"mor:{_eps_label(float(k[len('mor:eps'):]))}"
+            except ValueError:
+                label = ""
+            if not k.startswith(("mor:nodp", "mor:eps")) or not label:
+                raise ConfigError(f"method {k!r}: MoR rows are mor:nodp or mor:eps<E> (e.g. mor:eps8)")
+            if label not in out:
+                out.append(label)
+    del ref_eps
+    return out
+
+
+def run_order(methods: Sequence[str], ref_eps: float) -> list[str]:
+    """The order methods run in: the headline comparison first (MoR at the config's epsilon, the
+    uniform mixture, each single client, the centralized bound), so a run cut short has it."""
+    ref = f"mor:{_eps_label(ref_eps)}"
+
+    def key(m: str) -> tuple:
+        rank = {"base": 0, ref: 1, "uniform": 2, "centralized": 4, "fedavg": 5, "mor:nodp": 6}
+        if m.startswith("single:"):
+            return (3, m)
+        if m.startswith("mor:eps"):
+            return (rank.get(m, 7), -float(m[len("mor:eps"):]))
+        return (rank.get(m, 8), m)
+
+    return sorted(methods, key=key)
+
+
+# -- results file ----------------------------------------------------------------------------------
+def load_results(path: Path) -> dict:
+    if path.is_file():
+        data = json.loads(path.read_text())
+        if data.get("version") == RESULTS_VERSION:
+            return data
+    return {"version": RESULTS_VERSION, "tracks": {}}
+
+
+def save_results(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+# -- pieces ------------------------------------------------------------------------------------------
+def _threads() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def evaluate(policy, records: list[dict], max_new_tokens: int) -> dict[str, float]:
+    """Oracle accuracy per family and ``mean`` (unweighted over families) on ``records``."""
+    from mor_secure.alignment.policy import generate_answers, oracle_accuracy
+
+    completions = generate_answers(policy, [r["image"] for r in records], [r["question"] for r in records],
+                                   max_new_tokens=max_new_tokens)
+    return oracle_accuracy([r["family"] for r in records], [r["answer"] for r in records], completions)
+
+
+def build_base_policy(cfg: RunConfig, public: list[dict], out: Path, *, progress: bool):
+    """The server's base policy as ``mor-secure run`` builds it (``build_base_model``: the config's
+    model, perception pre-training on unlabelled public images; then the format warm-up on the public
+    prompts), saved to ``out``; reused from ``out`` when it is already there."""
+    from mor_secure.alignment.policy import warmup
+
+    if not (out / "complete").is_file():
+        policy, _ = base_model(cfg.policy.model, track=cfg.data.track, image_size=cfg.data.image_size,
+                               data_seed=cfg.run.seed, model_seed=cfg.run.seed, progress=progress)
+        images = [r["image"] for r in public]
+        w = cfg.policy.warmup
+        if w.epochs:
+            warmup(policy, images, [r["family"] for r in public], epochs=w.epochs, lr=w.lr,
+                   batch_size=w.batch_size, seed=cfg.run.seed, progress=progress)
+        policy.save(out)
+        (out / "complete").write_text("ok")
+    return load_policy(out)
+
+
+def load_policy(folder: Path):
+    """A fresh copy of a saved policy, with TRL's frozen reference pointing at ``folder``."""
+    from mor_secure.models.factory import load_vlm
+
+    policy = load_vlm(folder)
+    policy.model.config._name_or_path = str(folder)
+    policy.model.eval()
+    return policy
+
+
+class FixedRouter:
+    """Constant, equal weights over ``clients`` and no calibration (scale 1): the uniform mixture,
+    and a single reward model (one client). Duck-types the router ``MixtureReward`` uses."""
+
+    def __init__(self, clients: Sequence[str]) -> None:
+        from mor_secure.rewards.router import masked_weights, mixture_reward
+
+        self.clients = list(clients)
+        self._mask, self._mix = masked_weights, mixture_reward
+
+    def reward(self, features: torch.Tensor, scores: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(features.shape[0], len(self.clients))
+        return self._mix(self._mask(logits, present), scores, torch.ones(len(self.clients)), present)
+
+
+def local_scorer(rm, clip_bound: float, noise_std: float, seed: int):
+    """A scorer over a reward model the server itself holds (FedAvg's averaged RM, the centralized
+    RM): scores clipped to ``[-B, B]`` and noised like a client's release."""
+    rng = np.random.default_rng(seed)
+
+    def scorer(images, questions, responses, index):
+        with torch.no_grad():
+            raw = rm.score([images[i] for i in index], [questions[i] for i in index], list(responses))
+        s = np.clip(raw.numpy().astype(np.float64), -clip_bound, clip_bound)
+        if noise_std > 0:
+            s = s + rng.normal(0.0, noise_std, size=s.shape)
+        return s[:, None], np.ones((len(s), 1), dtype=bool)
+
+    return scorer
+
+
+def channel_scorer(channel):
+    def scorer(images, questions, responses, index):
+        out = channel.score(images, questions, responses, index, phase="grpo", purpose="score policy samples")
+        torch.set_num_threads(_threads())  # the ClientApp's handlers set one thread per process
+        return out
+
+    return scorer
+
+
+def trainable_state(rm) -> dict[str, torch.Tensor]:
+    """What FedAvg exchanges: the RM's trainable tensors (LoRA, projector, head)."""
+    return {n: p.detach().clone() for n, p in rm.named_parameters() if p.requires_grad}
+
+
+def load_trainable(rm, state: dict[str, torch.Tensor]) -> None:
+    missing = set(trainable_state(rm)) - set(state)
+    result = rm.load_state_dict(state, strict=False)
+    if result.unexpected_keys or missing:
+        raise RuntimeError(f"FedAvg arrays do not fit the reward model: unexpected {result.unexpected_keys[:3]}, "
+                           f"missing {sorted(missing)[:3]}")
+
+
+def shared_rm(spec, track: str, image_size: int, training, seed: int):
+    """FedAvg's (and the centralized) reward model: architecture ``spec`` (the policy's, with its
+    perception pre-training on public images), the same frozen backbone for every party (built
+    from one seed), LoRA of the clients' rank."""
+    from mor_secure.rewards.reward_model import LORA_TARGETS, VISION_LORA_TARGETS, RewardModel
+
+    vlm, _ = base_model(spec, track=track, image_size=image_size, data_seed=seed, model_seed=seed + 777,
+                        progress=False)
+    return RewardModel(vlm, lora_r=training.lora_r, seed=seed,
+                       lora_targets=VISION_LORA_TARGETS if training.lora_vision else LORA_TARGETS)
+
+
+_BASE_MODELS: dict[str, object] = {}
+
+
+def base_model(spec, *, track: str, image_size: int, data_seed: int, model_seed: int, progress: bool = False):
+    """``alignment.perception.build_base_model``, computed once per distinct argument set in this
+    process and copied out: a party's starting model is a pure function of them (public images,
+    seeds), so a client's backbone is pre-trained once for all privacy settings, and FedAvg's shared
+    backbone once for the server and every client."""
+    from mor_secure.alignment.perception import build_base_model
+
+    key = json.dumps([spec.model_dump(mode="json"), track, image_size, data_seed, model_seed], sort_keys=True)
+    if key not in _BASE_MODELS:
+        _BASE_MODELS[key] = build_base_model(spec, track=track, image_size=image_size, data_seed=data_seed,
+                                             model_seed=model_seed, progress=progress)
+    vlm, losses = _BASE_MODELS[key]
+    return copy.deepcopy(vlm), list(losses)
+
+
+@functools.lru_cache(maxsize=None)
+def fedavg_round_epsilon(epsilon: float, delta: float, num_records: int, batch_size: int, epochs_total: int,
+                         epochs_per_round: int, max_grad_norm: float) -> float:
+    """The per-round target epsilon whose calibrated noise makes ``epochs_total / epochs_per_round``
+    rounds compose to at most ``epsilon``: the noise multiplier a single DP-SGD run of
+    ``epochs_total`` epochs needs, expressed as the RDP epsilon of one round at that noise (one
+    round calibrated to it gets at least that noise; rounds compose exactly under RDP)."""
+    from opacus.accountants import RDPAccountant
+
+    from mor_secure.privacy.planner import calibrate_dpsgd, dpsgd_schedule
+
+    whole = calibrate_dpsgd(target_epsilon=epsilon, delta=delta, num_records=num_records, epochs=epochs_total,
+                            batch_size=batch_size, max_grad_norm=max_grad_norm, opacus_accountant="rdp")
+    _, per_epoch, _ = dpsgd_schedule(num_records, batch_size, epochs_per_round)
+    acct = RDPAccountant()
+    acct.history = [(whole.noise_multiplier, whole.sample_rate, per_epoch * epochs_per_round)]
+    return float(acct.get_epsilon(delta=delta))
+
+
+def make_fedavg_client_app(shared_seed: int):
+    """A Flower ClientApp for the FedAvg baseline only (the product's ClientApp never ships
+    parameters): ``train`` receives the global arrays, runs DP-SGD locally on this client's pairs
+    (its budget guard writes each round to its ledger first) and returns its arrays and its number
+    of pairs (the weight; no loss or other metric on private data is returned)."""
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from mor_secure.data import get_family, load_split
+    from mor_secure.federation.client_node import ClientNode
+    from mor_secure.rewards.train import TrainSettings, train_reward_model
+
+    nodes: dict[str, tuple] = {}
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        folder = str(context.node_config["client-dir"])
+        if folder not in nodes:
+            node = ClientNode(Path(folder))
+            nodes[folder] = (node, list(load_split(Path(folder) / "data")))
+        node, pairs = nodes[folder]
+        cfg = msg.content["config"]
+        rnd, rounds, epochs = int(cfg["server-round"]), int(cfg["rounds"]), int(cfg["local-epochs"])
+        c, t, p = node.config, node.config.training, node.config.privacy
+        # the client calibrates its own noise from its own epsilon; the guard refuses any round past it
+        eps_round = fedavg_round_epsilon(p.epsilon, p.delta, len(pairs), t.batch_size, rounds * epochs, epochs,
+                                         p.max_grad_norm) if p.dp_sgd else None
+        rm = shared_rm(c.model, get_family(c.families[0]).track, node.setup.image_size, t, shared_seed)
+        load_trainable(rm, msg.content["arrays"].to_torch_state_dict())
+        settings = TrainSettings(epochs=epochs, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer, dp=p.dp_sgd,
+                                 target_epsilon=eps_round, delta=p.delta, max_grad_norm=p.max_grad_norm,
+                                 seed=int(hashlib.sha256(f"{folder}:{rnd}".encode()).hexdigest()[:8], 16))
+        context_ = {"run_id": str(cfg["run-id"]), "phase": "fedavg", "purpose": f"FedAvg round {rnd}: local DP-SGD",
+                    "client": node.name}
+        train_reward_model(rm, pairs, settings, authorize=lambda ev: node._record(ev, context_), progress=False)
+        content = RecordDict({"arrays": ArrayRecord(torch_state_dict=trainable_state(rm)),
+                              "metrics": MetricRecord({"num-examples": len(pairs)})})
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+# -- one track, one seed -----------------------------------------------------------------------------
+@dataclass
+class SeedRun:
+    """Everything one (track, seed) shares across its methods."""
+
+    track: Track
+    seed: int
+    work: Path  # work/<track>/s<seed>
+    base_dir: Path  # the base policy (shared by a track and its -heldout variant)
+    fedavg_rounds: int
+    progress: bool
+    cfg: RunConfig = field(init=False)
+    server: dict = field(init=False)
+    reference: object = field(init=False, default=None)
+    features: torch.Tensor | None = field(init=False, default=None)
+    channels: dict = field(init=False, default_factory=dict)
+    phases: dict = field(init=False, default_factory=dict)  # seconds (wall, CPU) per phase of the method running
+
+    @contextlib.contextmanager
+    def timed(self, name: str):
+        """Add the wall and process-CPU seconds of the block to ``phases[name]``."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            w, c = self.phases.get(name, (0.0, 0.0))
+            self.phases[name] = (round(w + time.perf_counter() - wall, 2), round(c + time.process_time() - cpu, 2))
+
+    def __post_init__(self) -> None:
+        from mor_secure.data import make_server_sets
+
+        data = self.track.cfg.to_dict()
+        data["run"]["seed"] = self.seed
+        self.cfg = parse_config(data, f"<{self.track.name} seed {self.seed}>")
+        d = self.cfg.data
+        self.server = make_server_sets(self.track.base, None, self.seed, d.image_size, d.public_prompts,
+                                       d.objective_pairs, d.eval_prompts)
+        self.work.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def public(self) -> list[dict]:
+        return self.server["public"]
+
+    @property
+    def max_tokens(self) -> int:
+        return self.cfg.grpo.max_completion_length
+
+    def base_policy(self):
+        with self.timed("base policy"):
+            policy = build_base_policy(self.cfg, self.public, self.base_dir, progress=self.progress)
+        if self.reference is None:
+            from mor_secure.alignment.policy import prompt_features
+
+            self.reference = policy
+            self.reference.model.requires_grad_(False)
+            self.features = prompt_features(policy, [r["image"] for r in self.public],
+                                            [r["question"] for r in self.public])
+            policy = load_policy(self.base_dir)
+        return policy
+
+    # -- client reward models, through the real ClientApp ------------------------------------------
+    def clients(self, setting: str, *, family: str | None = None):
+        """The channel to this setting's clients (folders made and RMs trained once)."""
+        key = f"{setting}-{family}" if family else setting
+        if key in self.channels:
+            return self.channels[key]
+        from mor_secure.deploy.client_init import init_client_folder
+        from mor_secure.deploy.inproc import InProcessGrid
+        from mor_secure.federation.channel import Channel
+        from mor_secure.federation.client_app import make_client_app
+        from mor_secure.federation.client_node import ClientNode
+
+        cfg = client_config(self.cfg, setting, family=family)
+        root = self.work / f"clients-{key}"
+        run_id = f"bench-alignment-{self.track.name}-s{self.seed}-{key}"
+        nodes = {}
+        for i, c in enumerate(cfg.clients):
+            folder = root / c.name
+            if not (folder / "client.json").is_file():
+                shutil.rmtree(folder, ignore_errors=True)
+                init_client_folder(cfg, c.name, folder)
+            if family is None:  # FedAvg clients train in rounds instead (fedavg_rm)
+                with self.timed(f"RM training ({key})"):
+                    ClientNode(folder).train(run_id, progress=self.progress)
+            nodes[100 + i] = {"client-dir": str(folder.resolve())}
+        if family is not None:
+            self.channels[key] = (cfg, nodes)
+            return self.channels[key]
+        channel = Channel(InProcessGrid(make_client_app(), nodes), run_id, root / "events.jsonl", timeout_s=600)
+        channel.train_all(timeout_s=600)
+        torch.set_num_threads(_threads())
+        if sorted(channel.clients) != sorted(c.name for c in cfg.clients):
+            raise RuntimeError(f"{run_id}: clients {sorted(channel.clients)} answered; see {root / 'events.jsonl'}")
+        self.channels[key] = (cfg, channel)
+        return self.channels[key]
+
+    def rm_accuracy(self, setting: str) -> dict[str, float]:
+        """Benchmark harness: each client RM's pairwise accuracy on fresh held-out pairs of its own
+        families (read from the client folders; never released by a client)."""
+        from mor_secure.data import make_client_pairs
+        from mor_secure.rewards.reward_model import RewardModel
+        from mor_secure.rewards.train import pairwise_accuracy
+
+        cfg, _ = self.clients(setting)
+        d = cfg.data
+        out = {}
+        for i, c in enumerate(cfg.clients):
+            if d.heldout_pairs_per_client == 0:
+                break
+            pairs = make_client_pairs(d.track, list(c.families), d.heldout_pairs_per_client, seed=self.seed + 104729,
+                                      image_size=d.image_size, foreign_fraction=0.0, client_index=i,
+                                      n_clients=len(cfg.clients))
+            out[c.name] = pairwise_accuracy(RewardModel.load(self.work / f"clients-{setting}" / c.name / "rm"), pairs)
+        return out
+
+    # -- GRPO and evaluation ------------------------------------------------------------------------
+    def align(self, method: str, scorer, router) -> dict:
+        from mor_secure.alignment.grpo import MixtureReward, build_dataset, run_grpo
+
+        policy = self.base_policy()
+        images, questions = [r["image"] for r in self.public], [r["question"] for r in self.public]
+        reward = MixtureReward(scorer, router, self.features, images, questions)
+        dataset = build_dataset(images, questions, [r["family"] for r in self.public])
+        out_dir = self.work / f"grpo-{method.replace(':', '-')}"
+        shutil.rmtree(out_dir, ignore_errors=True)
+        torch.set_num_threads(_threads())
+        with self.timed("GRPO"):
+            history = run_grpo(policy, dataset, reward, self.cfg.grpo, out_dir=out_dir, seed=self.seed,
+                               progress=self.progress)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        rewards = [h["reward"] for h in history]
+        k = max(1, len(rewards) // 10)
+        with self.timed("evaluation"):
+            accuracy = evaluate(policy, self.server["eval"], self.max_tokens)
+        return {"accuracy": accuracy, "grpo_steps": len(history),
+                "reward_first": float(np.mean(rewards[:k])) if rewards else None,
+                "reward_last": float(np.mean(rewards[-k:])) if rewards else None,
+                "kl_last": history[-1]["kl"] if history else None}
+
+    def run_method(self, method: str) -> dict:
+        ref = _eps_label(self.track.ref_epsilon)
+        if method == "base":
+            policy = self.base_policy()
+            return {"accuracy": evaluate(policy, self.server["eval"], self.max_tokens)}
+        self.base_policy()  # reference and features first
+        if method.startswith("single:") or method == "uniform":
+            cfg, channel = self.clients(ref)
+            names = [method.split(":", 1)[1]] if method != "uniform" else sorted(channel.clients)
+            saved = channel.order
+            channel.order = names
+            try:
+                row = self.align(method, channel_scorer(channel), FixedRouter(names))
+            finally:
+                channel.order = saved
+            return {**row, "epsilon": self.track.ref_epsilon}
+        if method.startswith("mor:"):
+            from mor_secure.federation.orchestrator import fit_router_on_objective, router_weights_by_family
+
+            setting = method.split(":", 1)[1]
+            cfg, channel = self.clients(setting)
+            channel.order = sorted(channel.clients)
+            with self.timed("router fit"):
+                router, fit, _ = fit_router_on_objective(channel, self.reference, self.server["objective"], cfg,
+                                                         progress=self.progress)
+            torch.set_num_threads(_threads())
+            weights = router_weights_by_family(router, self.reference, self.server["eval"])
+            row = self.align(method, channel_scorer(channel), router)
+            return {**row, "router_weights": weights, "router_objective_accuracy": fit.accuracy,
+                    "rm_accuracy": self.rm_accuracy(setting)}
+        if method == "fedavg":
+            rm, info = self.fedavg_rm(ref)
+            c = self.cfg.clients[0].scores
+            row = self.align(method, local_scorer(rm, c.clip_bound, c.noise_std, self.seed), FixedRouter(["fedavg"]))
+            return {**row, **info}
+        if method == "centralized":
+            rm, info = self.centralized_rm(ref)
+            c = self.cfg.clients[0].scores
+            row = self.align(method, local_scorer(rm, c.clip_bound, 0.0, self.seed), FixedRouter(["centralized"]))
+            return {**row, **info}
+        raise ConfigError(f"unknown method {method!r}")
+
+    def fedavg_rm(self, setting: str):
+        """Flower's FedAvg strategy over an in-process grid of FedAvg ClientApps (see the module docstring)."""
+        from flwr.app import ArrayRecord, ConfigRecord
+        from flwr.serverapp.strategy import FedAvg
+
+        from mor_secure.deploy.inproc import InProcessGrid
+        from mor_secure.rewards.reward_model import RewardModel
+
+        done = self.work / "fedavg_rm"
+        cfg, nodes = self.clients(setting, family=self.cfg.policy.model.family)
+        epochs = cfg.clients[0].training.epochs
+        rounds = max(r for r in range(1, min(self.fedavg_rounds, epochs) + 1) if epochs % r == 0)
+        info = {"fedavg_rounds": rounds, "local_epochs_per_round": epochs // rounds, "epsilon": self.track.ref_epsilon}
+        if (done / "complete").is_file():
+            rm = RewardModel.load(done)
+        else:
+            rm = shared_rm(cfg.clients[0].model, cfg.data.track, cfg.data.image_size, cfg.clients[0].training,
+                           self.seed)
+            grid = InProcessGrid(make_fedavg_client_app(self.seed), nodes)
+            strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=len(nodes),
+                              min_available_nodes=len(nodes))
+            bar = tqdm(total=rounds, desc="FedAvg rounds", disable=not self.progress, leave=False)
+
+            def after_round(rnd, arrays):
+                if rnd:
+                    bar.update(1)
+                return None
+
+            flwr_log = logging.getLogger("flwr")
+            level = flwr_log.level
+            flwr_log.setLevel(logging.ERROR)  # the strategy's per-round INFO lines would break the progress bars
+            try:
+                with self.timed("FedAvg training"):
+                    result = strategy.start(
+                        grid, ArrayRecord(torch_state_dict=trainable_state(rm)), num_rounds=rounds,
+                        train_config=ConfigRecord({"rounds": rounds, "local-epochs": epochs // rounds,
+                                                   "run-id": f"fedavg-{self.track.name}-s{self.seed}"}),
+                        evaluate_fn=after_round)
+            finally:
+                flwr_log.setLevel(level)
+            bar.close()
+            torch.set_num_threads(_threads())
+            if result.arrays is None or len(result.train_metrics_clientapp) != rounds:
+                raise RuntimeError(f"FedAvg finished {len(result.train_metrics_clientapp)} of {rounds} rounds")
+            load_trainable(rm, result.arrays.to_torch_state_dict())
+            rm.save(done)
+            (done / "complete").write_text("ok")
+            info["bytes_per_round"] = (grid.bytes_down + grid.bytes_up) / rounds
+        info["rm_accuracy"] = self._owned_accuracy(rm, cfg)
+        return rm, info
+
+    def centralized_rm(self, setting: str):
+        """One RM of the policy's architecture, trained without DP on every client's pairs pooled."""
+        from mor_secure.data import load_split
+        from mor_secure.rewards.reward_model import RewardModel
+        from mor_secure.rewards.train import TrainSettings, train_reward_model
+
+        done = self.work / "centralized_rm"
+        cfg, _ = self.clients(setting)
+        if (done / "complete").is_file():
+            rm = RewardModel.load(done)
+        else:
+            pairs = [p for c in cfg.clients for p in load_split(self.work / f"clients-{setting}" / c.name / "data")]
+            t = cfg.clients[0].training
+            rm = shared_rm(self.cfg.policy.model, cfg.data.track, cfg.data.image_size, t, self.seed)
+            with self.timed("RM training (centralized)"):
+                settings = TrainSettings(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer,
+                                         dp=False, seed=self.seed)
+                train_reward_model(rm, pairs, settings, progress=self.progress, desc="centralized RM")
+            rm.save(done)
+            (done / "complete").write_text("ok")
+        return rm, {"rm_accuracy": self._owned_accuracy(rm, cfg)}
+
+    def _owned_accuracy(self, rm, cfg: RunConfig) -> dict[str, float]:
+        """Harness: a server-held RM's pairwise accuracy on each client's held-out pairs."""
+        from mor_secure.data import make_client_pairs
+        from mor_secure.rewards.train import pairwise_accuracy
+
+        d = cfg.data
+        if d.heldout_pairs_per_client == 0:
+            return {}
+        return {c.name: pairwise_accuracy(rm, make_client_pairs(
+            d.track, list(c.families), d.heldout_pairs_per_client, seed=self.seed + 104729, image_size=d.image_size,
+            foreign_fraction=0.0, client_index=i, n_clients=len(cfg.clients))) for i, c in enumerate(cfg.clients)}
+
+
+# -- the whole benchmark -----------------------------------------------------------------------------
+@dataclass
+class Options:
+    tracks: Sequence[str] = ("shapes", "digits", "shapes-heldout", "digits-heldout")
+    seeds: int = 3
+    methods: Sequence[str] = METHOD_KINDS
+    epsilons: Sequence[float] = DEFAULT_EPSILONS
+    grpo_steps: int | None = None
+    fedavg_rounds: int = 5
+    quick: bool = False
+    configs: dict = field(default_factory=dict)  # track -> config path (default DEFAULT_CONFIGS)
+    overrides: Sequence[str] = ()  # --set items for every track's config
+    work_dir: Path = Path("runs/bench-alignment")
+    results: Path = Path("benchmarks/alignment_results.json")
+    fresh: bool = False
+    progress: bool = True
+
+
+def run_bench(opts: Options, *, command: str = "mor-secure bench alignment",
+              on_row: Callable[[dict], None] | None = None) -> dict:
+    """Run every (track, seed, method) still missing from ``opts.results``; returns the results.
+
+    The results file is rewritten after every method. Rows measured under other settings (a
+    different config, --quick, --grpo-steps or FedAvg rounds) are discarded, with the work folder
+    of that track."""
+    from mor_secure.quiet import quiet_libraries
+
+    quiet_libraries()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+    with calibration_once():
+        return _run_bench(opts, command, on_row)
+
+
+@contextlib.contextmanager
+def calibration_once():
+    """Shared pure computations (see also :func:`base_model`, which client folders' backbones use
+    here too): DP-SGD noise calibration (seconds of accountant search, a pure function of the number of
+    records, epsilon, delta, epochs, batch size and clipping norm) computed once per distinct
+    setting in this process: the clients of one privacy setting, and FedAvg's rounds, share it.
+    The result is exactly what each client would compute; nothing else changes."""
+    from unittest import mock
+
+    from mor_secure.rewards import train as train_module
+
+    real, plans = train_module.plan_dpsgd, {}
+
+    def plan_once(num_records, settings):
+        key = (num_records, settings.target_epsilon, settings.delta, settings.epochs, settings.batch_size,
+               settings.max_grad_norm)
+        if key not in plans:
+            plans[key] = real(num_records, settings)
+        return plans[key]
+
+    from mor_secure.federation import client_node
+
+    with mock.patch.object(train_module, "plan_dpsgd", plan_once), \
+            mock.patch.object(client_node, "build_base_model", base_model):
+        yield
+
+
+def _run_bench(opts: Options, command: str, on_row) -> dict:
+    results = {"version": RESULTS_VERSION, "tracks": {}} if opts.fresh else load_results(opts.results)
+    tracks = [load_track(t, opts.configs.get(t.split("-")[0]), quick=opts.quick, grpo_steps=opts.grpo_steps,
+                         overrides=opts.overrides) for t in opts.tracks]
+    for track in tracks:
+        fp = track.fingerprint({"fedavg_rounds": opts.fedavg_rounds, "quick": opts.quick})
+        methods = expand_methods(list(opts.methods), track.clients, opts.epsilons, track.ref_epsilon)
+        entry = results["tracks"].get(track.name)
+        work = Path(opts.work_dir) / track.name
+        if entry is None or entry.get("fingerprint") != fp:
+            if entry is not None:
+                print(f"{track.name}: settings changed since the stored results; measuring again", flush=True)
+            shutil.rmtree(work, ignore_errors=True)
+            entry = {"fingerprint": fp, "seeds": {}}
+        entry.update(config=track.config_path, data_track=track.base, heldout=list(track.heldout),
+                     families=[f.name for f in _families(track.base)], clients={
+                         c.name: {"model": c.model.family, "families": list(c.families)} for c in track.cfg.clients},
+                     ref_epsilon=track.ref_epsilon, settings=_settings(track, opts))
+        if command not in entry.setdefault("commands", []):
+            entry["commands"].append(command)
+        results["tracks"][track.name] = entry
+        save_results(opts.results, results)
+        for seed in range(opts.seeds):
+            rows = entry["seeds"].setdefault(str(seed), {})
+            todo = [m for m in run_order(methods, track.ref_epsilon) if m not in rows]
+            if not todo:
+                continue
+            base_dir = Path(opts.work_dir) / track.base / f"s{seed}" / "policy_base"
+            run = SeedRun(track, seed, work / f"s{seed}", base_dir, opts.fedavg_rounds, opts.progress)
+            with tqdm(todo, desc=f"{track.name} seed {seed}", disable=not opts.progress, unit="method") as bar:
+                for method in bar:
+                    bar.set_postfix_str(method)
+                    start, cpu = time.perf_counter(), time.process_time()
+                    run.phases = {}
+                    row = run.run_method(method)
+                    row["seconds"] = round(time.perf_counter() - start, 1)
+                    row["cpu_seconds"] = round(time.process_time() - cpu, 1)
+                    row["phases"] = dict(run.phases)
+                    row["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+                    rows[method] = row
+                    save_results(opts.results, results)
+                    if on_row is not None:
+                        on_row({"track": track.name, "seed": seed, "method": method, **row})
+                    if opts.progress:
+                        acc = row["accuracy"]
+                        tqdm.write(f"  {track.name} seed {seed} {method_label(method)}: mean {100 * acc['mean']:.1f}% "
+                                   f"({row['seconds']:.0f} s)")
+    return results
+
+
+def _families(track: str):
+    from mor_secure.data import families_for_track
+
+    return families_for_track(track)
+
+
+def _settings(track: Track, opts: Options) -> dict:
+    cfg = track.cfg
+    c0 = cfg.clients[0]
+    return {"pairs_per_client": cfg.data.pairs_per_client, "epochs": c0.training.epochs,
+            "batch_size": c0.training.batch_size, "public_prompts": cfg.data.public_prompts,
+            "objective_pairs": cfg.data.objective_pairs, "eval_prompts": cfg.data.eval_prompts,
+            "grpo_steps": cfg.grpo.steps, "prompts_per_step": cfg.grpo.prompts_per_step,
+            "num_generations": cfg.grpo.num_generations, "beta": cfg.grpo.beta, "grpo_lr": cfg.grpo.lr,
+            "fedavg_rounds": opts.fedavg_rounds, "quick": opts.quick, "delta": c0.privacy.delta,
+            "noise_std": c0.scores.noise_std, "clip_bound": c0.scores.clip_bound}
+
+
+# -- tables --------------------------------------------------------------------------------------------
+def _stat(values: Sequence[float]) -> tuple[float, float, int]:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    if not v:
+        return math.nan, math.nan, 0
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else math.nan, len(v)
+
+
+def _pct(mean: float, std: float, n: int) -> str:
+    if n == 0 or not math.isfinite(mean):
+        return "—"
+    return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 and math.isfinite(std) else f"{100 * mean:.1f}"
+
+
+def display_order(methods: Sequence[str]) -> list[str]:
+    def key(m: str) -> tuple:
+        kind = m.split(":")[0]
+        if m == "mor:nodp":
+            return (METHOD_KINDS.index("mor"), -math.inf)
+        if m.startswith("mor:eps"):
+            return (METHOD_KINDS.index("mor"), float(m[len("mor:eps"):]))
+        return (METHOD_KINDS.index(kind) if kind in METHOD_KINDS else 99, m)
+
+    return sorted(methods, key=key)
+
+
+def summarise(entry: dict) -> dict[str, dict]:
+    """Per method: {family or "mean": (mean, std, n)} over the seeds that measured it."""
+    methods = display_order({m for rows in entry["seeds"].values() for m in rows})
+    out = {}
+    for m in methods:
+        rows = [rows[m] for rows in entry["seeds"].values() if m in rows]
+        keys = list(entry["families"]) + ["mean"]
+        out[m] = {k: _stat([r["accuracy"].get(k) for r in rows]) for k in keys}
+        out[m]["_seeds"] = len(rows)
+        out[m]["_seconds"] = sum(r.get("seconds", 0.0) for r in rows)
+    return out
+
+
+def router_weights(entry: dict, method: str) -> dict[str, dict[str, float]]:
+    """Mean router weight per (family, client) over the seeds, for a MoR row."""
+    acc: dict[str, dict[str, list[float]]] = {}
+    for rows in entry["seeds"].values():
+        for fam, weights in rows.get(method, {}).get("router_weights", {}).items():
+            for client, w in weights.items():
+                acc.setdefault(fam, {}).setdefault(client, []).append(w)
+    return {fam: {c: float(np.mean(v)) for c, v in ws.items()} for fam, ws in acc.items()}
+
+
+def _owners(entry: dict) -> dict[str, list[str]]:
+    owners: dict[str, list[str]] = {}
+    for name, c in entry["clients"].items():
+        for fam in c["families"]:
+            owners.setdefault(fam, []).append(name)
+    return owners
+
+
+def targets(entry: dict) -> list[str]:
+    """The issue's targets for MoR at the config's epsilon, checked on the overall mean."""
+    s = summarise(entry)
+    ref = f"mor:{_eps_label(entry['ref_epsilon'])}"
+    if ref not in s:
+        return []
+    mor = s[ref]["mean"][0]
+    lines = []
+    if "uniform" in s:
+        d = 100 * (mor - s["uniform"]["mean"][0])
+        lines.append(f"MoR at ε = {entry['ref_epsilon']:g} minus the uniform mixture: {d:+.1f} points "
+                     f"(target ≥ +5: {'met' if d >= 5 else 'missed'})")
+    singles = {m: v["mean"][0] for m, v in s.items() if m.startswith("single:")}
+    if singles:
+        best = max(singles, key=singles.get)
+        d = 100 * (mor - singles[best])
+        lines.append(f"MoR minus the best single-client RM ({best.split(':', 1)[1]}): {d:+.1f} points "
+                     f"(target > 0 against every single client: {'met' if d > 0 else 'missed'})")
+    if "centralized" in s:
+        d = 100 * (mor - s["centralized"]["mean"][0])
+        lines.append(f"MoR minus the centralized non-private RM: {d:+.1f} points "
+                     f"(target ≥ −5: {'met' if d >= -5 else 'missed'})")
+    if "base" in s:
+        lines.append(f"MoR minus the base policy: {100 * (mor - s['base']['mean'][0]):+.1f} points")
+    return lines
+
+
+def render(results: dict, *, full_command: str, date: str, machine: str, plots: dict[str, str],
+           wall_s: float | None = None, note: str = "") -> str:
+    """The BENCHMARKS.md section body."""
+    tracks = results["tracks"]
+    lines = [
+        "What it measures (`mor_secure/bench/alignment.py`): on each track, every method aligns the same base "
+        "policy (tiny LLaVA, perception pre-training on unlabelled public images, then the format warm-up) with "
+        "TRL's GRPOTrainer on the same public prompts, steps, group size, learning rate and KL penalty, and is "
+        "scored by the oracle on the same held-out evaluation prompts (a completion is right when its first word "
+        "is the right answer; chance is 1/|answers| per family). Only the reward differs: one client's reward "
+        "model (single RM), all clients with equal weights (uniform), one reward model of the policy's "
+        "architecture averaged by Flower's FedAvg strategy over rounds of local DP-SGD (FedAvg), one reward "
+        "model trained without DP on all clients' pairs pooled (centralized, the upper bound), and "
+        "Mixture-of-Rewards: the router fitted on the server's objective set from the clients' noised scores, "
+        "clients at DP-SGD ε = 1, 4, 8 or without DP. Client reward models are the three heterogeneous "
+        "architectures of the config (LLaVA, Idefics3, PaliGemma), trained by the real client code and reached "
+        "through the real ClientApp over Flower messages (in-process grid); single, uniform and FedAvg use the "
+        "config's ε; δ = 1e-5 throughout. `-heldout` tracks remove one family from every client (a client left "
+        "with none leaves), while the server's prompts keep it: its column measures generalisation.",
+        "",
+        f"Written {date} on {machine}" + (f"; the last invocation took {wall_s / 60:.0f} min of wall time"
+                                           if wall_s else "") + " (each row's own date and time are in the results JSON).",
+        "",
+        "Commands that produced these rows: " + ", ".join(
+            f"`{c}`" for c in dict.fromkeys(c for e in tracks.values() for c in e.get("commands", []))) + ".",
+        "",
+        f"Full benchmark (every track, 3 seeds, every method): `{full_command}`",
+    ]
+    if note:
+        lines += ["", note]
+    lines += ["", "**What was run:** " + "; ".join(
+        f"`{name}`: seeds {', '.join(sorted(e['seeds'], key=int)) or 'none'}, "
+        f"{len({m for r in e['seeds'].values() for m in r})} methods, {e['settings']['grpo_steps']} GRPO steps "
+        f"({e['settings']['prompts_per_step']} prompts × {e['settings']['num_generations']} samples)"
+        for name, e in tracks.items()) + "."]
+    for name, e in tracks.items():
+        s = summarise(e)
+        if not s:
+            continue
+        fams = list(e["families"])
+        owners = _owners(e)
+        head = [f"{f}{' (held out)' if f in e['heldout'] else ''}" for f in fams]
+        lines += ["", f"### Track `{name}` (config `{e['config']}`)", "",
+                  "Clients: " + "; ".join(f"{n} ({c['model']}: {', '.join(c['families'])})"
+                                         for n, c in e["clients"].items())
+                  + (f". Held out from every client: {', '.join(e['heldout'])}." if e["heldout"] else "."),
+                  "", "Oracle accuracy (%) per family and overall (mean over families), mean ± std over seeds:", "",
+                  "| method | seeds | " + " | ".join(head) + " | overall |", "|---" * (len(fams) + 3) + "|"]
+        for m, row in s.items():
+            lines.append(f"| {method_label(m)} | {row['_seeds']} | " + " | ".join(_pct(*row[f]) for f in fams)
+                         + f" | **{_pct(*row['mean'])}** |")
+        if e["heldout"]:
+            owned = [f for f in fams if f not in e["heldout"]]
+            lines += ["", "Generalisation: accuracy on the held-out family against the families the clients own "
+                      "(mean over seeds):", "", "| method | held-out (" + ", ".join(e["heldout"]) + ") | owned families |",
+                      "|---|---|---|"]
+            for m in s:
+                vals = [[r[m]["accuracy"][f] for f in e["heldout"]] for r in e["seeds"].values() if m in r]
+                own = [[r[m]["accuracy"][f] for f in owned] for r in e["seeds"].values() if m in r]
+                lines.append(f"| {method_label(m)} | {100 * np.mean(vals):.1f} | {100 * np.mean(own):.1f} |")
+        ref = f"mor:{_eps_label(e['ref_epsilon'])}"
+        w = router_weights(e, ref)
+        if w:
+            clients = list(e["clients"])
+            lines += ["", f"Router weights of MoR at ε = {e['ref_epsilon']:g} by family (evaluation prompts, "
+                      "mean over seeds; owner(s) in bold):", "", "| family | " + " | ".join(clients) + " |",
+                      "|---" * (len(clients) + 1) + "|"]
+            for fam in fams:
+                if fam in w:
+                    cells = [f"**{w[fam].get(c, 0):.2f}**" if c in owners.get(fam, []) else f"{w[fam].get(c, 0):.2f}"
+                             for c in clients]
+                    lines.append(f"| {fam} | " + " | ".join(cells) + " |")
+        rm = _rm_table(e)
+        if rm:
+            lines += ["", "Reward models' pairwise accuracy (%) on fresh held-out pairs of each client's own "
+                      "families (benchmark harness; never released), mean over seeds:", ""] + rm
+        t = targets(e)
+        if t:
+            lines += ["", "Against the issue's targets (overall means):", ""] + [f"- {x}" for x in t]
+        secs = sum(v["_seconds"] for v in s.values())
+        lines += ["", f"Compute: {secs / 60:.0f} min for this track's rows (" + ", ".join(
+            f"{method_label(m)} {v['_seconds'] / max(1, v['_seeds']) / 60:.1f}" for m, v in s.items())
+            + " min per seed; reward-model training is counted in the first row that needs it)."]
+    if plots:
+        lines += ["", "Plots: " + ", ".join(f"[{title}]({path})" for title, path in plots.items()) + "."]
+        lines += [""] + [f"![{title}]({path})" for title, path in plots.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _rm_table(entry: dict) -> list[str]:
+    rows: dict[str, dict[str, list[float]]] = {}
+    for seed_rows in entry["seeds"].values():
+        for m, r in seed_rows.items():
+            for client, acc in (r.get("rm_accuracy") or {}).items():
+                rows.setdefault(m, {}).setdefault(client, []).append(acc)
+    if not rows:
+        return []
+    clients = list(entry["clients"])
+    out = ["| reward models of | " + " | ".join(f"on {c}'s families" for c in clients) + " |",
+           "|---" * (len(clients) + 1) + "|"]
+    for m in display_order(rows):
+        label = {"fedavg": "FedAvg RM (one model)", "centralized": "centralized RM (one model)"}.get(
+            m, method_label(m).replace("MoR, ", "clients, "))
+        out.append(f"| {label} | " + " | ".join(
+            f"{100 * np.mean(rows[m][c]):.1f}" if c in rows[m] else "—" for c in clients) + " |")
+    return out
+
+
+# -- plots ---------------------------------------------------------------------------------------------
+def plot_all(results: dict, folder: Path) -> dict[str, Path]:
+    """Privacy–utility curve, per-family bars by method, router weights per family; PNG files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tracks = {n: e for n, e in results["tracks"].items() if summarise(e)}
+    out: dict[str, Path] = {}
+    if not tracks:
+        return out
+
+    # 1. privacy-utility: overall accuracy of MoR against epsilon, baselines as lines
+    fig, axes = plt.subplots(1, len(tracks), figsize=(5.2 * len(tracks), 3.8), dpi=110, squeeze=False)
+    for ax, (name, e) in zip(axes[0], tracks.items()):
+        s = summarise(e)
+        eps = sorted(float(m[len("mor:eps"):]) for m in s if m.startswith("mor:eps"))
+        xs = list(eps)
+        ys = [s[f"mor:{_eps_label(x)}"]["mean"] for x in eps]
+        nodp_x = max(eps or [8.0]) * 4
+        if "mor:nodp" in s:
+            xs.append(nodp_x)
+            ys.append(s["mor:nodp"]["mean"])
+        if xs:
+            ax.errorbar(xs, [100 * y[0] for y in ys], yerr=[100 * (y[1] if math.isfinite(y[1]) else 0) for y in ys],
+                        marker="o", lw=2, capsize=3, label="MoR", color="C3")
+        styles = {"base": ("k", ":"), "uniform": ("C0", "--"), "fedavg": ("C2", "-."), "centralized": ("C4", "--")}
+        for m, (colour, ls) in styles.items():
+            if m in s:
+                ax.axhline(100 * s[m]["mean"][0], color=colour, ls=ls, lw=1.3, label=method_label(m))
+        singles = {m: v["mean"][0] for m, v in s.items() if m.startswith("single:")}
+        if singles:
+            best = max(singles, key=singles.get)
+            ax.axhline(100 * singles[best], color="C1", ls=(0, (1, 1)), lw=1.3, label=f"best {method_label(best)}")
+        ax.set_xscale("log")
+        ticks = eps + ([nodp_x] if "mor:nodp" in s else [])
+        ax.set_xticks(ticks, [f"{x:g}" for x in eps] + (["no DP"] if "mor:nodp" in s else []))
+        ax.minorticks_off()
+        ax.set_ylim(0, 100)
+        ax.set_xlabel("client ε (DP-SGD, δ = 1e-5)")
+        ax.set_ylabel("oracle accuracy, overall (%)")
+        ax.set_title(f"{name} ({len(e['seeds'])} seed{'s' if len(e['seeds']) > 1 else ''})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5, loc="best")
+    fig.suptitle("Privacy–utility: MoR against ε, baselines at the config's ε", fontsize=10)
+    fig.tight_layout()
+    out["privacy–utility curve"] = folder / "alignment_privacy_utility.png"
+    fig.savefig(out["privacy–utility curve"])
+    plt.close(fig)
+
+    # 2. per-family accuracy by method
+    fig, axes = plt.subplots(len(tracks), 1, figsize=(11, 3.6 * len(tracks)), dpi=110, squeeze=False)
+    for ax, (name, e) in zip(axes[:, 0], tracks.items()):
+        s = summarise(e)
+        fams = list(e["families"]) + ["mean"]
+        methods = list(s)
+        width = 0.85 / max(1, len(methods))
+        cmap = plt.get_cmap("tab20")
+        for j, m in enumerate(methods):
+            xs = np.arange(len(fams)) + (j - (len(methods) - 1) / 2) * width
+            means = [100 * s[m][f][0] for f in fams]
+            errs = [100 * s[m][f][1] if math.isfinite(s[m][f][1]) else 0 for f in fams]
+            ax.bar(xs, means, width, yerr=errs, capsize=1.5, label=method_label(m), color=cmap(j % 20))
+        ax.set_xticks(np.arange(len(fams)), [f"{f}\n(held out)" if f in e["heldout"] else f for f in fams])
+        ax.set_ylabel("oracle accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{name}: accuracy per question family")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=6.5, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    out["per-family accuracy by method"] = folder / "alignment_by_family.png"
+    fig.savefig(out["per-family accuracy by method"])
+    plt.close(fig)
+
+    # 3. router weights per family (MoR at the config's epsilon, and without DP when measured)
+    panels = []
+    for name, e in tracks.items():
+        for m in (f"mor:{_eps_label(e['ref_epsilon'])}", "mor:nodp"):
+            w = router_weights(e, m)
+            if w:
+                panels.append((name, e, m, w))
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), dpi=110, squeeze=False)
+        for ax, (name, e, m, w) in zip(axes[0], panels):
+            fams = [f for f in e["families"] if f in w]
+            clients = list(e["clients"])
+            grid = np.array([[w[f].get(c, 0.0) for c in clients] for f in fams])
+            ax.imshow(grid, vmin=0, vmax=1, cmap="Blues")
+            owners = _owners(e)
+            for i, f in enumerate(fams):
+                for j, c in enumerate(clients):
+                    own = c in owners.get(f, [])
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                            fontweight="bold" if own else "normal", color="white" if grid[i, j] > 0.6 else "black")
+            ax.set_xticks(range(len(clients)), clients, rotation=30, fontsize=7)
+            ax.set_yticks(range(len(fams)), [f"{f} (held out)" if f in e["heldout"] else f for f in fams], fontsize=7)
+            ax.set_title(f"{name}: {method_label(m)}", fontsize=8)
+        fig.suptitle("Router weight per family (owners' weights in bold)", fontsize=9)
+        fig.tight_layout()
+        out["router weights per family"] = folder / "alignment_router_weights.png"
+        fig.savefig(out["router weights per family"])
+        plt.close(fig)
+    return out
+
+
+def write_report(results: dict, out: Path | str, plots_dir: Path | str, *, full_command: str,
+                 wall_s: float | None = None, note: str = "") -> str:
+    """Plots under ``plots_dir``, then the ``alignment`` section of the BENCHMARKS.md at ``out``."""
+    import datetime as dt
+
+    from mor_secure.bench.markdown import update_section
+    from mor_secure.deploy.bench import machine
+
+    out = Path(out)
+    files = plot_all(results, Path(plots_dir))
+    links = {title: os.path.relpath(path, out.parent.resolve() if out.parent.exists() else out.parent)
+             for title, path in ((t, Path(p).resolve()) for t, p in files.items())}
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    body = render(results, full_command=full_command, date=date, machine=machine(), plots=links,
+                  wall_s=wall_s, note=note)
+    update_section(out, SECTION, TITLE, body)
+    return body
