@@ -133,22 +133,23 @@ def cells(row: Row, sums: dict[str, dict[str, int]]) -> list[str]:
             total[key] = total.get(key, 0) + value
     inputs, bad = total.get("inputs", 0), total.get("bad_inputs", 0)
     if inputs:
-        rest = f"; {inputs - bad} valid ones parsed and checked" if inputs > bad else ""
+        rest = f"; {inputs - bad} valid ones accepted and checked" if inputs > bad else ""
         inputs_cell = f"{inputs} {row.inputs}: {bad} refused with a reason, none crashed{rest}"
     else:
         inputs_cell = "none"
     faults_cell = f"{total['faults']} {row.faults}" if total.get("faults") else "none"
     runs_cell = (f"{total.get('runs_finished', 0)} / {total['runs']} {row.runs or 'runs'}" if total.get("runs")
                  else "not applicable (decoders and parsers, no run)")
-    lost_cell = str(total["ledger_entries_lost"]) if "ledger_entries_lost" in total else "not applicable (no ledger written)"
+    lost_cell = (str(total["ledger_entries_lost"]) if "ledger_entries_lost" in total
+                 else "not applicable (no fault injected)")
     source = ", ".join(f"`{t}`" for t in row.tests)
     return [row.part, inputs_cell, faults_cell, runs_cell, lost_cell, source]
 
 
 def table(sums: dict[str, dict[str, int]], seconds: float | None) -> str:
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    how = (f"which ran the tests below ({seconds:.0f} s) and summed what each recorded" if seconds is not None
-           else "from what the tests below recorded in a pytest run in which all of them passed")
+    how = (f"from a pytest run of the tests below ({seconds:.0f} s, all passed), summing what each recorded"
+           if seconds is not None else "from what the tests below recorded in a pytest run in which all passed")
     lines = [BEGIN, "",
              f"Measured {when} on {platform.machine()} ({os.cpu_count()} CPUs) by `scripts/hardening_table.py`, "
              f"{how}.", "",
@@ -169,6 +170,10 @@ def main() -> int:
         out = Path(args.from_dir)
         failed = junit_problems(out / "junit.xml", tests)
         rc, seconds = (1 if failed else 0), None
+        if not failed:  # the duration of that pytest run
+            suite = ET.parse(out / "junit.xml").getroot()
+            suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+            seconds = float(suite.get("time")) if suite is not None and suite.get("time") else None
         if failed:
             print(f"did not pass in {out / 'junit.xml'}: {failed}", file=sys.stderr)
     else:
