@@ -181,14 +181,18 @@ def _train_once(node, pairs: list[dict], *, dp: bool, mode: str, settings_base) 
     rm = RewardModel(node.build_backbone(), lora_r=t.lora_r, seed=node.setup.seed,
                      lora_targets=VISION_LORA_TARGETS if t.lora_vision else LORA_TARGETS)
     forwards: list[tuple[float, float]] = []
+    forward_cpu: list[float] = []  # CPU time of each forward pass
     rm.register_forward_pre_hook(lambda _m, _a: forwards.append((time.perf_counter(), time.thread_time())))
+    rm.register_forward_hook(lambda _m, _a, _o: forward_cpu.append(time.thread_time() - forwards[-1][1]))
     settings = replace(settings_base, dp=dp, grad_sample_mode=mode)
     result = train_reward_model(rm, pairs, settings, authorize=lambda _event: None, progress=False)
     starts = np.asarray(forwards[::2])  # two forward passes per step: chosen, rejected
     if len(forwards) != 2 * result.steps:
         raise RuntimeError(f"{len(forwards)} forward passes for {result.steps} steps (an empty Poisson batch?)")
     wall, cpu = np.diff(starts[:, 0])[1:], np.diff(starts[:, 1])[1:]  # the first step (caches) is left out
+    fwd = (np.asarray(forward_cpu[0::2]) + np.asarray(forward_cpu[1::2]))[1:-1]  # both passes, steps timed
     return {"step_s": _median(wall.tolist()), "step_cpu_s": _median(cpu.tolist()), "intervals": wall.tolist(),
+            "forward_cpu_s": _median(fwd.tolist()), "rest_cpu_s": _median((cpu - fwd).tolist()),
             "cpu_intervals": cpu.tolist(), "steps": result.steps,
             "loss_last": result.losses[-1] if result.losses else float("nan")}
 
@@ -277,12 +281,15 @@ def bench_dpsgd(families: Sequence[str] = FAMILIES, modes: Sequence[str] = GRAD_
     for fam in families:
         none = runs[fam]["none"]
         row = {"none_s": _median([r["step_s"] for r in none]), "none_cpu_s": _median([r["step_cpu_s"] for r in none]),
-               "modes": {}, **shapes[fam]}
+               "none_forward_cpu_s": _median([r["forward_cpu_s"] for r in none]),
+               "none_rest_cpu_s": _median([r["rest_cpu_s"] for r in none]), "modes": {}, **shapes[fam]}
         for mode in working:
             rs = runs[fam].get(mode, [])
             m = {"step_s": _median([r["step_s"] for r in rs]), "step_cpu_s": _median([r["step_cpu_s"] for r in rs]),
                  "ratio_by_repeat": [r["step_s"] / n["step_s"] for r, n in zip(rs, none)],
-                 "ratio_cpu_by_repeat": [r["step_cpu_s"] / n["step_cpu_s"] for r, n in zip(rs, none)]}
+                 "ratio_cpu_by_repeat": [r["step_cpu_s"] / n["step_cpu_s"] for r, n in zip(rs, none)],
+                 "forward_cpu_s": _median([r["forward_cpu_s"] for r in rs]),
+                 "rest_cpu_s": _median([r["rest_cpu_s"] for r in rs])}
             m["ratio"], m["ratio_cpu"] = m["step_s"] / row["none_s"], m["step_cpu_s"] / row["none_cpu_s"]
             row["modes"][mode] = m
         if row["modes"]:
@@ -331,6 +338,22 @@ def _direct_scorer(nodes: dict, order: list[str], run_id: str):
         return scores, np.ones_like(scores, dtype=bool)
 
     return scorer
+
+
+def _settle(timeout_s: float = 60.0) -> float:
+    """Wait (bounded) until no ``flwr-clientapp`` process runs on this machine: the deployment side's
+    ClientApp processes finish exiting before another side is timed. Returns the seconds waited."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        busy = False
+        for proc in psutil.process_iter(["cmdline"]):
+            if any("flwr-clientapp" in part for part in (proc.info["cmdline"] or [])):
+                busy = True
+                break
+        if not busy:
+            break
+        time.sleep(0.5)
+    return time.perf_counter() - t0
 
 
 def _channel_scorer(channel):
@@ -397,10 +420,19 @@ def grpo_sides(spec: dict, grid=None, progress_path: Path | None = None) -> dict
         if progress_path is not None:
             progress_path.write_text(json.dumps({"reward_calls": calls[0]}))
 
+    # an untimed warm-up run (the process's first GRPO run pays one-off costs: imports, caches)
+    warm = copy.deepcopy(policy0)
+    warm.model.config._name_or_path = str(root / "policy")
+    run_grpo(warm, dataset, _TimedReward(MixtureReward(scorers["direct"], router, feats, images, questions), [], []),
+             GrpoSection(steps=2, prompts_per_step=2, num_generations=2, max_completion_length=1),
+             out_dir=root / "trainer-warmup", seed=0, progress=False)
     runs: dict[str, list[dict]] = {s: [] for s in sides}
+    settled: list[float] = []
     for rep in range(spec["repeats"]):
         rotated = sides[rep % len(sides):] + sides[:rep % len(sides)]
         for side in rotated:
+            if "tls" in sides:
+                settled.append(_settle())
             policy = copy.deepcopy(policy0)
             policy.model.config._name_or_path = str(root / "policy")
             timed = _TimedReward(MixtureReward(scorers[side], router, feats, images, questions), [], [], tick)
@@ -412,7 +444,7 @@ def grpo_sides(spec: dict, grid=None, progress_path: Path | None = None) -> dict
                                "step_cpu_s": _median(np.diff(timed.cpu_starts).tolist()),
                                "rewards_s": timed.seconds, "run_s": time.perf_counter() - t0})
     out = {"sides": {}, "order_by_repeat": [sides[r % len(sides):] + sides[:r % len(sides)]
-                                            for r in range(spec["repeats"])]}
+                                            for r in range(spec["repeats"])], "settle_s": settled}
     for side, rs in runs.items():
         out["sides"][side] = {"step_s": _median([r["step_s"] for r in rs]),
                               "reward_s": _median([r["reward_s"] for r in rs]),
@@ -860,6 +892,19 @@ def render(result: dict, command: str, date: str) -> str:
         for mode, err in a["failed_modes"].items():
             lines.append(f"- `{mode}`: `{err}` {_MODE_WHY.get(mode, '')}".rstrip())
         lines.append("")
+    where = []
+    for fam, row in best.items():
+        m = row["modes"][row["best_mode"]]
+        extra_f, extra_r = m["forward_cpu_s"] - row["none_forward_cpu_s"], m["rest_cpu_s"] - row["none_rest_cpu_s"]
+        where.append(f"{fam}: +{1e3 * (extra_f + extra_r):.0f} ms = {1e3 * extra_f:+.0f} ms in the two forward passes "
+                     f"({1e3 * row['none_forward_cpu_s']:.0f} -> {1e3 * m['forward_cpu_s']:.0f} ms) and "
+                     f"{1e3 * extra_r:+.0f} ms in backward, per-sample gradients, clipping, noise and the update "
+                     f"({1e3 * row['none_rest_cpu_s']:.0f} -> {1e3 * m['rest_cpu_s']:.0f} ms)")
+    lines += [f"Where the extra CPU time of the best mode goes (medians; each forward pass timed by hooks on the "
+              f"RM): {'; '.join(where)}. Opacus' hooks keep each adapted layer's activations in the forward passes "
+              f"and, in the backward pass, form a per-pair gradient for every trainable parameter (the two "
+              f"responses of a pair summed), clip each and add noise; with tiny models and LoRA the per-layer "
+              f"work of the hooks is large next to the model's own arithmetic.", ""]
     lines.append(f"Target (a) **{'met' if met_a else 'missed'}** (CPU time): best mode per family "
                  + ", ".join(f"{fam} {row['best_mode']} {row['best_ratio']:.2f}x (wall {row['best_ratio_wall']:.2f}x)"
                              for fam, row in best.items()) + ".")
@@ -872,11 +917,11 @@ def render(result: dict, command: str, date: str) -> str:
               f"tiny LLaVA policy, {b['responses_per_step']} responses per step "
               f"({b['grpo']['prompts_per_step']} prompts x {b['grpo']['num_generations']} samples, "
               f"{b['grpo']['max_completion_length']} completion token(s)); {b['steps_per_run']} steps per run, "
-              f"a step timed from one reward call to the next; sides rotate within each of {b['repeats']} "
-              f"repeats (fresh policy, same data). In-process: `ClientNode.score` of each client called directly "
+              f"a step timed from one reward call to the next; after an untimed warm-up run, sides rotate "
+              f"within each of {b['repeats']} repeats (fresh policy, same data). In-process: `ClientNode.score` of each client called directly "
               f"(same RMs, same clipping, noise and ledger write). In-process grid: the real ClientApp behind "
               f"Flower messages deflated to wire objects and back, no network. Deployment: "
-              f"{'a TLS SuperLink with SuperNode authentication and one SuperNode per client on 127.0.0.1, the bench ServerApp submitted with `flwr run`' if 'tls' in s else 'not run (--transport grid)'}."
+              f"{'a TLS SuperLink with SuperNode authentication and one SuperNode per client on 127.0.0.1, the bench ServerApp submitted with `flwr run`; before each run the previous ClientApp processes are waited for' if 'tls' in s else 'not run (--transport grid)'}."
               f" Target: Flower over TLS at most {TARGET_RATIO}x.", "",
               "| rewards | GRPO step (s) | reward call (s) | ratio to in-process (per repeat) | server CPU per step (s) |",
               "|---|---|---|---|---|",
