@@ -5,7 +5,8 @@
     :func:`mor_secure.rewards.train.train_reward_model` on a fresh RM built as ``ClientNode.train``
     builds it, from a client folder made by ``client init``; a step is timed from one step's first
     forward pass to the next step's (data, both forward passes, backward, per-sample clipping and
-    noise, optimizer), the first step left out. Each run trains on one batch of pairs for one epoch
+    noise, optimizer), the first step left out, in wall-clock time and in the training thread's CPU
+    time (torch on one thread; on a shared machine CPU time is what a dedicated core would take). Each run trains on one batch of pairs for one epoch
     per step (so DP-SGD's sampling rate is 1 and both sides see batches of the same size); the DP
     noise calibration, identical for every run and done before the first step, is computed once. Non-private and each mode alternate, ``repeats`` times; a mode
     Opacus or our training loop rejects is tried once and reported with its error.
@@ -17,8 +18,10 @@
     copies of the same client folders). A third side, an in-process Flower grid (the real ClientApp,
     every message deflated to Flower's wire objects and back, no network), splits the transport's
     cost into Flower's messages and the deployment runtime. All sides run inside one ServerApp
-    (``server_app`` below, submitted with ``flwr run``), alternating, on the same data with a fresh
-    policy each run; a step is timed from one reward call to the next (TRL's GRPOTrainer).
+    (``server_app`` below, submitted with ``flwr run``), after an untimed warm-up run, rotating, on
+    the same data with a fresh policy each run, each side timed only once the previous side's
+    ClientApp processes have exited; a step is timed from one reward call to the next (TRL's
+    GRPOTrainer).
 
 (c) **One Flower round with K simulated clients** (3, 8, 16, 32, 64): the server sends one GRPO
     score request (the demo's step shape: 16 prompts x 8 samples) to K clients, each with its own
