@@ -75,6 +75,8 @@ from tqdm.auto import tqdm
 from mor_secure.config import RunConfig, load_config, parse_config
 from mor_secure.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 #: The family each track's ``-heldout`` variant removes from every client.
 HELDOUT = {"shapes": "size", "digits": "greater"}
 DEFAULT_CONFIGS = {"shapes": "configs/demo.yaml", "digits": "configs/bench_digits.yaml"}
@@ -82,6 +84,13 @@ ALL_TRACKS = ("shapes", "digits", "shapes-heldout", "digits-heldout")
 METHOD_KINDS = ("base", "single", "uniform", "fedavg", "centralized", "mor")
 DEFAULT_EPSILONS = (1.0, 4.0, 8.0)
 RESULTS_VERSION = 1
+#: Part of every track's fingerprint: results measured by an older version of this code are measured again.
+BENCH_VERSION = 2
+#: Non-private reward models (MoR without DP, the centralized RM) train with Adam at this learning rate,
+#: the project's setting for non-DP training (``TrainingSection.optimizer``; tests/test_reward_training.py):
+#: the configs' SGD at lr 0.5 is tuned for DP-SGD's clipped, averaged per-pair gradients, and on raw
+#: gradients it left the centralized RM at chance with every score past the clip bound (measured).
+NON_PRIVATE_TRAINING = {"optimizer": "adam", "lr": 1e-3}
 SECTION = "alignment"
 TITLE = "MoR against the baselines: oracle accuracy after GRPO"
 
@@ -145,8 +154,13 @@ class Track:
                               f"(found {sorted(eps) or 'no DP-SGD client'})")
         return float(eps.pop())
 
-    def fingerprint(self, extra: dict) -> str:
-        blob = json.dumps({"config": self.cfg.to_dict(), "heldout": self.heldout, **extra}, sort_keys=True)
+    def fingerprint(self, extra: dict, *, work: bool = False) -> str:
+        """Hash of everything the results depend on; ``work=True``: of what the work folder holds
+        (client data and reward models, base policies) depends on, i.e. without the router and GRPO."""
+        cfg = self.cfg.to_dict()
+        if work:
+            cfg = {k: v for k, v in cfg.items() if k not in ("router", "grpo")}
+        blob = json.dumps({"config": cfg, "heldout": self.heldout, "version": BENCH_VERSION, **extra}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -211,6 +225,7 @@ def client_config(cfg: RunConfig, setting: str, *, family: str | None = None) ->
         if setting == "nodp":
             privacy.update(dp_sgd=False, allow_non_private=True)
             client["scores"]["noise_std"] = 0.0
+            client["training"].update(NON_PRIVATE_TRAINING)
         elif setting.startswith("eps"):
             eps = float(setting[3:])
             privacy.update(dp_sgd=True, epsilon=eps)
@@ -286,7 +301,10 @@ def save_results(path: Path, results: dict) -> None:
 
 # -- pieces ------------------------------------------------------------------------------------------
 def _threads() -> int:
-    return max(1, min(2, os.cpu_count() or 1))
+    """One torch thread, as the ClientApp's handlers use: on the shared 2-core machine two OpenMP
+    threads made reward-model training and scoring 15-20x slower than one (a thread spin-waits
+    while the other core runs someone else's work; measured)."""
+    return 1
 
 
 def evaluate(policy, records: list[dict], max_new_tokens: int) -> dict[str, float]:
@@ -437,11 +455,15 @@ def make_fedavg_client_app(shared_seed: int):
     from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
+    from unittest import mock
+
     from mor_secure.data import get_family, load_split
     from mor_secure.federation.client_node import ClientNode
-    from mor_secure.rewards.train import TrainSettings, train_reward_model
+    from mor_secure.rewards import train as train_module
+    from mor_secure.rewards.train import PairTensors, TrainSettings, train_reward_model
 
     nodes: dict[str, tuple] = {}
+    encodings: dict[str, PairTensors] = {}
     app = ClientApp()
 
     @app.train()
@@ -464,7 +486,15 @@ def make_fedavg_client_app(shared_seed: int):
                                  seed=int(hashlib.sha256(f"{folder}:{rnd}".encode()).hexdigest()[:8], 16))
         context_ = {"run_id": str(cfg["run-id"]), "phase": "fedavg", "purpose": f"FedAvg round {rnd}: local DP-SGD",
                     "client": node.name}
-        train_reward_model(rm, pairs, settings, authorize=lambda ev: node._record(ev, context_), progress=False)
+
+        def encode_once(rm_, pairs_):
+            # the pairs are encoded once per client, not once per round: the same processor, the same pairs
+            if folder not in encodings:
+                encodings[folder] = PairTensors(rm_, pairs_)
+            return encodings[folder]
+
+        with mock.patch.object(train_module, "PairTensors", encode_once):
+            train_reward_model(rm, pairs, settings, authorize=lambda ev: node._record(ev, context_), progress=False)
         content = RecordDict({"arrays": ArrayRecord(torch_state_dict=trainable_state(rm)),
                               "metrics": MetricRecord({"num-examples": len(pairs)})})
         return Message(content=content, reply_to=msg)
@@ -520,7 +550,8 @@ class SeedRun:
         return self.cfg.grpo.max_completion_length
 
     def base_policy(self):
-        with self.timed("base policy"):
+        built = (self.base_dir / "complete").is_file()
+        with self.timed("base policy" if built else "base policy (built)"):
             policy = build_base_policy(self.cfg, self.public, self.base_dir, progress=self.progress)
         if self.reference is None:
             from mor_secure.alignment.policy import prompt_features
@@ -548,12 +579,14 @@ class SeedRun:
         root = self.work / f"clients-{key}"
         run_id = f"bench-alignment-{self.track.name}-s{self.seed}-{key}"
         nodes = {}
+        fedavg_done = (self.work / "fedavg_rm" / "complete").is_file()
         for i, c in enumerate(cfg.clients):
             folder = root / c.name
-            if not (folder / "client.json").is_file():
+            finished = fedavg_done if family is not None else (folder / "rm" / "complete").is_file()
+            if not finished:  # a run stopped mid-training: this client starts over with a fresh folder and ledger
                 shutil.rmtree(folder, ignore_errors=True)
                 init_client_folder(cfg, c.name, folder)
-            if family is None:  # FedAvg clients train in rounds instead (fedavg_rm)
+            if family is None and not finished:  # FedAvg clients train in rounds instead (fedavg_rm)
                 with self.timed(f"RM training ({key})"):
                     ClientNode(folder).train(run_id, progress=self.progress)
             nodes[100 + i] = {"client-dir": str(folder.resolve())}
@@ -719,8 +752,8 @@ class SeedRun:
             t = cfg.clients[0].training
             rm = shared_rm(self.cfg.policy.model, cfg.data.track, cfg.data.image_size, t, self.seed)
             with self.timed("RM training (centralized)"):
-                settings = TrainSettings(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer,
-                                         dp=False, seed=self.seed)
+                settings = TrainSettings(epochs=t.epochs, batch_size=t.batch_size, dp=False, seed=self.seed,
+                                         **NON_PRIVATE_TRAINING)
                 train_reward_model(rm, pairs, settings, progress=self.progress, desc="centralized RM")
             rm.save(done)
             (done / "complete").write_text("ok")
@@ -767,6 +800,7 @@ def run_bench(opts: Options, *, command: str = "mor-secure bench alignment",
     from mor_secure.quiet import quiet_libraries
 
     quiet_libraries()
+    torch.set_num_threads(_threads())
     try:
         import datasets
 
@@ -816,8 +850,14 @@ def _run_bench(opts: Options, command: str, on_row) -> dict:
         if entry is None or entry.get("fingerprint") != fp:
             if entry is not None:
                 print(f"{track.name}: settings changed since the stored results; measuring again", flush=True)
-            shutil.rmtree(work, ignore_errors=True)
             entry = {"fingerprint": fp, "seeds": {}}
+        # reward models and base policies on disk are reused when only the router or GRPO settings changed
+        work_fp = track.fingerprint({"fedavg_rounds": opts.fedavg_rounds, "quick": opts.quick}, work=True)
+        marker = work / "work_fingerprint"
+        if not marker.is_file() or marker.read_text() != work_fp:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            marker.write_text(work_fp)
         entry.update(config=track.config_path, data_track=track.base, heldout=list(track.heldout),
                      families=[f.name for f in _families(track.base)], clients={
                          c.name: {"model": c.model.family, "families": list(c.families)} for c in track.cfg.clients},
@@ -838,7 +878,20 @@ def _run_bench(opts: Options, command: str, on_row) -> dict:
                     bar.set_postfix_str(method)
                     start, cpu = time.perf_counter(), time.process_time()
                     run.phases = {}
-                    row = run.run_method(method)
+                    failures = entry.setdefault("failed", {}).setdefault(str(seed), {})
+                    try:
+                        row = run.run_method(method)
+                    except (KeyboardInterrupt, SystemExit):
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - one method's failure must not lose the others
+                        log.exception("%s seed %d %s failed", track.name, seed, method)
+                        failures[method] = {"error": f"{type(exc).__name__}: {exc}",
+                                            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+                        save_results(opts.results, results)
+                        tqdm.write(f"  {track.name} seed {seed} {method_label(method)}: FAILED ({type(exc).__name__}: "
+                                   f"{exc}); the other methods go on, a rerun tries it again")
+                        continue
+                    failures.pop(method, None)
                     row["seconds"] = round(time.perf_counter() - start, 1)
                     row["cpu_seconds"] = round(time.process_time() - cpu, 1)
                     row["phases"] = dict(run.phases)
@@ -852,6 +905,12 @@ def _run_bench(opts: Options, command: str, on_row) -> dict:
                         tqdm.write(f"  {track.name} seed {seed} {method_label(method)}: mean {100 * acc['mean']:.1f}% "
                                    f"({row['seconds']:.0f} s)")
     return results
+
+
+def get_family(name: str):
+    from mor_secure.data import get_family as _get
+
+    return _get(name)
 
 
 def _families(track: str):
@@ -869,7 +928,65 @@ def _settings(track: Track, opts: Options) -> dict:
             "grpo_steps": cfg.grpo.steps, "prompts_per_step": cfg.grpo.prompts_per_step,
             "num_generations": cfg.grpo.num_generations, "beta": cfg.grpo.beta, "grpo_lr": cfg.grpo.lr,
             "fedavg_rounds": opts.fedavg_rounds, "quick": opts.quick, "delta": c0.privacy.delta,
-            "noise_std": c0.scores.noise_std, "clip_bound": c0.scores.clip_bound}
+            "noise_std": c0.scores.noise_std, "clip_bound": c0.scores.clip_bound,
+            "perception_steps": cfg.policy.model.perception.steps,
+            "client_perception_steps": max(c.model.perception.steps for c in cfg.clients)}
+
+
+def _per_seed_at_config_size(name: str, entry: dict) -> float | None:
+    """Wall seconds one seed of this track takes at its config's sizes: measured when this run used
+    them and every method ran, scaled by :func:`full_size_estimate` otherwise."""
+    est = full_size_estimate(name, entry)
+    if est is not None:
+        return est["wall_per_seed"]
+    every = set(expand_methods(METHOD_KINDS, list(entry["clients"]), DEFAULT_EPSILONS, entry["ref_epsilon"]))
+    full = [rows for rows in entry["seeds"].values() if every <= set(rows) and all("phases" in r for r in rows.values())]
+    if not full:
+        return None
+    return float(np.mean([sum(r["seconds"] for r in rows.values()) for rows in full]))
+
+
+def full_size_estimate(name: str, entry: dict) -> dict | None:
+    """What this track's measured rows would take at its config's own sizes, scaled phase by phase
+    from the measured wall and CPU seconds: reward-model training by pair passes (pairs x epochs),
+    GRPO by completions (steps x prompts x samples), perception by steps; evaluation and the router
+    fit as measured. ``None`` when the run used the config's sizes (nothing to scale)."""
+    s = entry.get("settings", {})
+    if "perception_steps" not in s:
+        return None
+    try:
+        full = _settings(load_track(name, entry["config"]), Options(fedavg_rounds=s["fedavg_rounds"]))
+    except ConfigError:
+        return None
+    scale = {
+        "rm": (full["pairs_per_client"] * full["epochs"]) / (s["pairs_per_client"] * s["epochs"]),
+        "grpo": (full["grpo_steps"] * full["prompts_per_step"] * full["num_generations"])
+        / (s["grpo_steps"] * s["prompts_per_step"] * s["num_generations"]),
+        "perception": max(1.0, full["perception_steps"] / max(1, s["perception_steps"])),
+    }
+    if all(abs(v - 1.0) < 1e-9 for v in scale.values()):
+        return None
+
+    def factor(phase: str) -> float:
+        if phase.startswith(("RM training", "FedAvg training")):
+            return scale["rm"]
+        if phase == "GRPO":
+            return scale["grpo"]
+        if phase == "base policy (built)":
+            return scale["perception"]
+        return 1.0
+
+    wall = cpu = 0.0
+    measured = 0.0
+    for rows in entry["seeds"].values():
+        for row in rows.values():
+            for phase, (w, c) in row.get("phases", {}).items():
+                wall += w * factor(phase)
+                cpu += c * factor(phase)
+            measured += row.get("seconds", 0.0)
+    seeds = max(1, len(entry["seeds"]))
+    return {"scale": scale, "wall_per_seed": wall / seeds, "cpu_per_seed": cpu / seeds,
+            "measured_per_seed": measured / seeds, "full": full}
 
 
 # -- tables --------------------------------------------------------------------------------------------
@@ -956,6 +1073,68 @@ def targets(entry: dict) -> list[str]:
     return lines
 
 
+def reading(entry: dict) -> list[str]:
+    """Facts that explain the table, computed from the results: the evaluation's resolution, where
+    the router puts its weight, how good the clients' reward models are, what MoR changed per family."""
+    s = summarise(entry)
+    out: list[str] = []
+    n_eval, fams = entry["settings"]["eval_prompts"], list(entry["families"])
+    seeds = max(1, len(entry["seeds"]))
+    se_all = 100 * math.sqrt(0.25 / (n_eval * seeds))
+    se_fam = 100 * math.sqrt(0.25 / (n_eval / len(fams) * seeds))
+    out.append(f"Resolution: {n_eval} evaluation prompts ({n_eval // len(fams)} per family) × {seeds} seed(s): the "
+               f"standard error of an overall accuracy is up to {se_all:.1f} points, of one family's up to "
+               f"{se_fam:.1f}; differences under about twice that are not resolved.")
+    ref = f"mor:{_eps_label(entry['ref_epsilon'])}"
+    owners = _owners(entry)
+    w = router_weights(entry, ref)
+    own = {f: sum(w[f].get(c, 0.0) for c in owners.get(f, [])) for f in fams if f in w and owners.get(f)}
+    if own:
+        weak = [f"{f} ({v:.2f})" for f, v in own.items() if v < 0.5]
+        out.append(f"Router (MoR at ε = {entry['ref_epsilon']:g}): the owning client gets {min(own.values()):.2f} to "
+                   f"{max(own.values()):.2f} of the weight on its families (mean {np.mean(list(own.values())):.2f})"
+                   + (f"; less than half on {', '.join(weak)}." if weak else "."))
+    accs: dict[str, list[float]] = {}
+    for rows in entry["seeds"].values():
+        for c, a in (rows.get(ref, {}).get("rm_accuracy") or {}).items():
+            accs.setdefault(c, []).append(a)
+    if accs:
+        out.append(f"Client reward models at ε = {entry['ref_epsilon']:g}, pairwise accuracy on held-out pairs of their "
+                   "own families: " + ", ".join(f"{c} {100 * np.mean(v):.0f}%" for c, v in accs.items()) + ".")
+    if ref in s and "base" in s:
+        up = [f"{f} {100 * (s[ref][f][0] - s['base'][f][0]):+.0f}" for f in fams
+              if s[ref][f][0] - s["base"][f][0] > 2 * se_fam / 100]
+        down = [f"{f} {100 * (s[ref][f][0] - s['base'][f][0]):+.0f}" for f in fams
+                if s["base"][f][0] - s[ref][f][0] > 2 * se_fam / 100]
+        out.append(f"MoR at ε = {entry['ref_epsilon']:g} against the base policy, families moved by more than twice "
+                   f"their standard error: {', '.join(up) or 'none up'}" + (f"; down: {', '.join(down)}" if down else "")
+                   + " (points).")
+    return out
+
+
+def _reused_work(entry: dict) -> str:
+    """The shared work (base policy, reward models) no row of ``entry`` timed: it was on disk already."""
+    # (a training phase of well under a second only opened reward models already on disk)
+    phases = {ph for rows in entry["seeds"].values() for r in rows.values()
+              for ph, (wall, _) in r.get("phases", {}).items() if wall >= 1.0 or not ph.startswith("RM training")}
+    methods = {m for rows in entry["seeds"].values() for m in rows}
+    ref = _eps_label(entry["ref_epsilon"])
+    need = {}
+    if methods:
+        need["the base policy"] = "base policy (built)"
+    for m in methods:
+        if m.startswith("mor:"):
+            setting = m.split(":", 1)[1]
+            need[f"the clients' reward models ({setting})"] = f"RM training ({setting})"
+        elif m.startswith("single:") or m == "uniform":
+            need[f"the clients' reward models ({ref})"] = f"RM training ({ref})"
+        elif m == "fedavg":
+            need["the FedAvg reward model"] = "FedAvg training"
+        elif m == "centralized":
+            need["the centralized reward model"] = "RM training (centralized)"
+    return ", ".join(sorted(what for what, phase in need.items() if phase not in phases))
+
+
 def render(results: dict, *, full_command: str, date: str, machine: str, plots: dict[str, str],
            wall_s: float | None = None, note: str = "") -> str:
     """The BENCHMARKS.md section body."""
@@ -973,7 +1152,8 @@ def render(results: dict, *, full_command: str, date: str, machine: str, plots: 
         "clients at DP-SGD ε = 1, 4, 8 or without DP. Client reward models are the three heterogeneous "
         "architectures of the config (LLaVA, Idefics3, PaliGemma), trained by the real client code and reached "
         "through the real ClientApp over Flower messages (in-process grid); single, uniform and FedAvg use the "
-        "config's ε; δ = 1e-5 throughout. `-heldout` tracks remove one family from every client (a client left "
+        "config's ε; δ = 1e-5 throughout. DP reward models train with the config's DP-SGD settings, non-private ones (MoR "
+        "without DP, centralized) with Adam at lr 1e-3, the project's non-DP setting. `-heldout` tracks remove one family from every client (a client left "
         "with none leaves), while the server's prompts keep it: its column measures generalisation.",
         "",
         f"Written {date} on {machine}" + (f"; the last invocation took {wall_s / 60:.0f} min of wall time"
@@ -991,6 +1171,18 @@ def render(results: dict, *, full_command: str, date: str, machine: str, plots: 
         f"{len({m for r in e['seeds'].values() for m in r})} methods, {e['settings']['grpo_steps']} GRPO steps "
         f"({e['settings']['prompts_per_step']} prompts × {e['settings']['num_generations']} samples)"
         for name, e in tracks.items()) + "."]
+    missing = [f"`{t}` seed {k}" for t in ALL_TRACKS for k in range(3)
+               if str(k) not in tracks.get(t, {}).get("seeds", {})]
+    per_seed = [x for x in (_per_seed_at_config_size(n, e) for n, e in tracks.items()) if x is not None]
+    if missing:
+        lines += ["", "**Not run:** " + ", ".join(missing) + "."]
+        if per_seed:
+            h = float(np.mean(per_seed)) / 3600
+            lines += ["", f"Time of the full benchmark on this machine, from the rows measured here at the configs' "
+                      f"sizes: about {h:.1f} h per track and seed, so about {12 * h:.0f} h for all 4 tracks × 3 seeds "
+                      f"({len(missing)} track-seeds, about {len(missing) * h:.0f} h, still to run; the `-heldout` "
+                      "variants reuse their track's base policy, and the digits track's sizes equal the shapes "
+                      "track's). The command continues from the results file, so it can be run in parts."]
     for name, e in tracks.items():
         s = summarise(e)
         if not s:
@@ -1007,6 +1199,9 @@ def render(results: dict, *, full_command: str, date: str, machine: str, plots: 
         for m, row in s.items():
             lines.append(f"| {method_label(m)} | {row['_seeds']} | " + " | ".join(_pct(*row[f]) for f in fams)
                          + f" | **{_pct(*row['mean'])}** |")
+        chance = [1.0 / len(get_family(f).answers) for f in fams]
+        lines.append("| *chance (an answer drawn uniformly)* | | " + " | ".join(f"*{100 * c:.1f}*" for c in chance)
+                     + f" | *{100 * float(np.mean(chance)):.1f}* |")
         if e["heldout"]:
             owned = [f for f in fams if f not in e["heldout"]]
             lines += ["", "Generalisation: accuracy on the held-out family against the families the clients own "
@@ -1032,13 +1227,36 @@ def render(results: dict, *, full_command: str, date: str, machine: str, plots: 
         if rm:
             lines += ["", "Reward models' pairwise accuracy (%) on fresh held-out pairs of each client's own "
                       "families (benchmark harness; never released), mean over seeds:", ""] + rm
+        failed = {(seed, m): f["error"] for seed, fs in e.get("failed", {}).items() for m, f in fs.items()}
+        if failed:
+            lines += ["", "Failed (not in the table; a rerun of the command tries them again): " + "; ".join(
+                f"{method_label(m)}, seed {seed}: {err}" for (seed, m), err in sorted(failed.items())) + "."]
         t = targets(e)
         if t:
             lines += ["", "Against the issue's targets (overall means):", ""] + [f"- {x}" for x in t]
+        lines += ["", "Reading:", ""] + [f"- {x}" for x in reading(e)]
+        est = full_size_estimate(name, e)
+        if est is not None:
+            f, sc = est["full"], est["scale"]
+            lines += ["", f"**This run is smaller than the config** ({e['settings']['pairs_per_client']} pairs per client, "
+                      f"{e['settings']['epochs']} epochs at batch {e['settings']['batch_size']}, "
+                      f"{e['settings']['grpo_steps']} GRPO steps of {e['settings']['prompts_per_step']} × "
+                      f"{e['settings']['num_generations']}, {e['settings']['perception_steps']} perception steps; the config: "
+                      f"{f['pairs_per_client']}, {f['epochs']} at {f['batch_size']}, {f['grpo_steps']} of "
+                      f"{f['prompts_per_step']} × {f['num_generations']}, {f['perception_steps']}). Scaled phase by phase "
+                      f"(reward-model training × {sc['rm']:.1f} by pair passes, GRPO × {sc['grpo']:.1f} by completions, "
+                      f"the base policy × {sc['perception']:.1f} by perception steps), one seed of this track at the "
+                      f"config's sizes would take about {est['wall_per_seed'] / 3600:.1f} h of wall time on this machine "
+                      f"at the load of this run ({est['cpu_per_seed'] / 3600:.1f} h of this process's CPU time; measured "
+                      f"here: {est['measured_per_seed'] / 60:.0f} min), so the full benchmark (4 tracks × 3 seeds) about "
+                      f"{12 * est['wall_per_seed'] / 3600:.0f} h."]
         secs = sum(v["_seconds"] for v in s.values())
+        reused = _reused_work(e)
         lines += ["", f"Compute: {secs / 60:.0f} min for this track's rows (" + ", ".join(
             f"{method_label(m)} {v['_seconds'] / max(1, v['_seeds']) / 60:.1f}" for m, v in s.items())
-            + " min per seed; reward-model training is counted in the first row that needs it)."]
+            + " min per seed; reward-model training is counted in the first row that needs it"
+            + (f"; not counted, because an earlier, interrupted invocation had already made it: {reused}"
+               if reused else "") + ")."]
     if plots:
         lines += ["", "Plots: " + ", ".join(f"[{title}]({path})" for title, path in plots.items()) + "."]
         lines += [""] + [f"![{title}]({path})" for title, path in plots.items()]
