@@ -72,6 +72,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mor_secure.bench.calibration import dpsgd_plans_once
 from mor_secure.config import RunConfig, load_config, parse_config
 from mor_secure.errors import ConfigError
 
@@ -820,21 +821,9 @@ def calibration_once():
     The result is exactly what each client would compute; nothing else changes."""
     from unittest import mock
 
-    from mor_secure.rewards import train as train_module
-
-    real, plans = train_module.plan_dpsgd, {}
-
-    def plan_once(num_records, settings):
-        key = (num_records, settings.target_epsilon, settings.delta, settings.epochs, settings.batch_size,
-               settings.max_grad_norm)
-        if key not in plans:
-            plans[key] = real(num_records, settings)
-        return plans[key]
-
     from mor_secure.federation import client_node
 
-    with mock.patch.object(train_module, "plan_dpsgd", plan_once), \
-            mock.patch.object(client_node, "build_base_model", base_model):
+    with dpsgd_plans_once(), mock.patch.object(client_node, "build_base_model", base_model):
         yield
 
 

@@ -54,6 +54,7 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
+from mor_secure.bench.calibration import dpsgd_plans_once
 from mor_secure.config import GrpoSection, RunConfig, parse_config
 from mor_secure.errors import ConfigError
 
@@ -207,12 +208,9 @@ def bench_dpsgd(families: Sequence[str] = FAMILIES, modes: Sequence[str] = GRAD_
 
     Defaults are a demo client's training settings (LoRA r 16, SGD, lr 0.5) at half its batch (256).
     """
-    from unittest import mock
-
     from mor_secure.data import load_split
     from mor_secure.deploy.client_init import init_client_folder
     from mor_secure.federation.client_node import ClientNode
-    from mor_secure.rewards import train as train_module
     from mor_secure.rewards.reward_model import RewardModel
     from mor_secure.rewards.train import TrainSettings
 
@@ -223,21 +221,11 @@ def bench_dpsgd(families: Sequence[str] = FAMILIES, modes: Sequence[str] = GRAD_
     # sampling rate is 1, so private and non-private steps see batches of exactly the same size
     cfg = client_config(len(families), pairs=batch_size, batch_size=batch_size, lora_r=lora_r,
                         families=families, epochs=steps)
-    # The noise calibration (seconds of accountant search, the same for every run) is computed once
-    # and reused: it happens before the first step, so no step time changes.
-    plans: dict = {}
-    real_plan = train_module.plan_dpsgd
-
-    def plan_once(num_records, settings):
-        key = (num_records, settings.target_epsilon, settings.delta, settings.epochs, settings.batch_size,
-               settings.max_grad_norm)
-        if key not in plans:
-            plans[key] = real_plan(num_records, settings)
-        return plans[key]
+    # The noise calibration (the same for every run) is computed once: bench/calibration.py.
     out: dict = {"batch_size": batch_size, "steps_per_run": steps, "repeats": repeats, "lora_r": lora_r,
                  "families": {}, "failed_modes": {}}
     with tempfile.TemporaryDirectory(prefix="mor-perf-dpsgd-") as tmp, \
-            mock.patch.object(train_module, "plan_dpsgd", plan_once):
+            dpsgd_plans_once():
         nodes, data = {}, {}
         for client, fam in zip(cfg.clients, families):
             folder = init_client_folder(cfg, client.name, Path(tmp) / client.name)
