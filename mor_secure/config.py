@@ -168,6 +168,9 @@ class RouterSection(_Strict):
     components: int = Field(8, ge=1, description="Principal components of the features the router sees.")
     hidden: int = Field(0, ge=0, description="0: linear router; >0: one hidden layer of this width.")
     weight_decay: float = Field(0.0, ge=0)
+    entropy_weight: float = Field(
+        0.05, ge=0, description="Penalty on the mean entropy of the routing weights; pushes each input's "
+                                "weight onto the client(s) whose scores explain it (0: pure likelihood).")
 
 
 class GrpoSection(_Strict):

@@ -68,9 +68,45 @@ class DroppingGrid(InProcessGrid):
 
     silenced: set[int] = set()
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.delivered: dict[int, int] = {}  # messages delivered, by node
+        self.last_dropped: set[int] = set()  # nodes whose messages the last call swallowed
+
     def send_and_receive(self, messages, *, timeout=None):
-        return super().send_and_receive([m for m in messages if m.metadata.dst_node_id not in self.silenced],
-                                        timeout=timeout)
+        messages = list(messages)
+        self.last_dropped = {m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id in self.silenced}
+        kept = [m for m in messages if m.metadata.dst_node_id not in self.silenced]
+        for m in kept:
+            self.delivered[m.metadata.dst_node_id] = self.delivered.get(m.metadata.dst_node_id, 0) + 1
+        return super().send_and_receive(kept, timeout=timeout)
+
+
+def test_silent_client_is_skipped_with_backoff_and_asked_again(trained, tmp_path):
+    """A node that times out is skipped for the next 1, 2, 4, ... requests, not asked (and waited
+    for) on every one; after the skips it is asked again, and once it answers it is back for good."""
+    for name in NAMES:
+        shutil.copytree(trained / "clients" / name, tmp_path / "clients" / name)
+    grid = DroppingGrid(make_client_app(), {n: {"client-dir": str(tmp_path / "clients" / c)} for n, c in NODES.items()})
+    grid.silenced = set()
+    channel = Channel(grid, "backoff-run", tmp_path / "events.jsonl", timeout_s=60)
+    channel.train_all(timeout_s=60)
+    samples = make_samples("shapes", "colour", 2, seed=1, image_size=16, pool="public")
+    images, questions = [s["image"] for s in samples], [s["question"] for s in samples]
+    beta = [n for n, c in NODES.items() if c == "beta"]
+    asked_beta, present_beta = [], []
+    for request in range(10):
+        grid.silenced = set(beta) if request < 5 else set()  # beta is silent for requests 0-4
+        before = grid.delivered.get(beta[0], 0)
+        _, present = channel.score(images, questions, ["red", "blue"], np.arange(2), phase="grpo", purpose="test")
+        asked_beta.append(grid.delivered.get(beta[0], 0) > before or bool(set(beta) & grid.last_dropped))
+        present_beta.append(bool(present[:, 1].all()))
+    # asked at 0 (timeout, skip 1), skipped 1, asked 2 (timeout, skip 2), skipped 3-4, asked 5 (answers), then every time
+    assert asked_beta == [True, False, True, False, False, True, True, True, True, True]
+    assert present_beta == [False] * 5 + [True] * 5
+    kinds = [e["kind"] for e in map(json.loads, (tmp_path / "events.jsonl").read_text().splitlines())
+             if e.get("client") == "beta"]
+    assert kinds == ["dropped", "skipped", "dropped", "skipped", "skipped"]
 
 
 class RecordingReward(MixtureReward):
@@ -158,12 +194,14 @@ def test_client_dropping_out_mid_grpo_leaves_the_run_going_with_renormalised_wei
         np.testing.assert_allclose(call["reward"], want, rtol=1e-5, atol=1e-6)
         assert np.all(np.isfinite(call["reward"])) and np.any(want != 0)
 
-    # the event is logged, once per step beta missed, with its reason
+    # the event is logged, once per step beta missed, with its reason; a silent client is not
+    # asked at step 4 (backoff after its timeout at step 3), a failing one is asked every step
     events = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
-    kind, reason = ("dropped", "no reply within") if mode == "silent" else ("client_error", "reward model crashed")
+    want = ([("dropped", "no reply within"), ("skipped", "no reply to an earlier request")] if mode == "silent"
+            else [("client_error", "reward model crashed")] * (STEPS - FAIL_AFTER))
     mine = [e for e in events if e.get("client") == "beta"]
-    assert len(mine) == STEPS - FAIL_AFTER and all(e["kind"] == kind and e["phase"] == "grpo" for e in mine)
-    assert all(reason in e["reason"] for e in mine)
+    assert [e["kind"] for e in mine] == [k for k, _ in want] and all(e["phase"] == "grpo" for e in mine)
+    assert all(reason in e["reason"] for e, (_, reason) in zip(mine, want))
     assert [e for e in events if e.get("client") != "beta"] == []
 
     # ledgers: verify, and keep every entry they had when beta failed

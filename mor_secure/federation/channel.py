@@ -60,6 +60,14 @@ class Channel:
     ckks_capacity: float = 0.0  # largest |mixture| the CKKS parameters hold (ckks.aggregate_capacity)
     decryptions: int = 0  # aggregates decrypted so far (drives the decryptor rotation)
     ciphertext_bytes: int = 0  # ciphertext bytes received from clients and aggregates sent out
+    # silent clients: consecutive timeouts, and requests still to skip before asking again
+    misses: dict[str, int] = field(default_factory=dict)
+    skip: dict[str, int] = field(default_factory=dict)
+
+    #: A client that timed out is skipped for the next 1, 2, 4, ... requests (at most this many),
+    #: so a silent SuperNode costs ``timeout_s`` a handful of times per run instead of on every
+    #: GRPO step; one answer resets it.
+    MAX_SKIP = 64
 
     def note(self, kind: str, **detail) -> None:
         """Append one line to the run's event log (refusals, rejections, dropouts)."""
@@ -92,7 +100,16 @@ class Channel:
         """Send ``req`` to every client not exhausted; the contents of the replies that came back
         without error from the node they claim, by client name. Everything else is noted."""
         content = P.encode_score_request(req)
-        targets = [n for n in self.order if n not in self.exhausted and n in self.clients]
+        targets = []
+        for n in self.order:
+            if n in self.exhausted or n not in self.clients:
+                continue
+            if self.skip.get(n, 0) > 0:
+                self.skip[n] -= 1
+                self.note("skipped", client=n, phase=req.phase,
+                          reason=f"no reply to an earlier request; asked again in {self.skip[n] + 1} request(s)")
+                continue
+            targets.append(n)
         msgs = [Message(content=content, message_type="query.score", dst_node_id=self.clients[n].node_id)
                 for n in targets]
         self.bytes_sent += len(targets) * (req.images.nbytes + sum(len(r) for r in req.responses))
@@ -117,8 +134,13 @@ class Channel:
                 self.note("rejected", client=name, phase=req.phase, reason=str(exc))
                 continue
             good[name] = reply.content
-        for name in set(targets) - answered:
-            self.note("dropped", client=name, phase=req.phase, reason=f"no reply within {self.timeout_s}s")
+        for name in answered:
+            self.misses.pop(name, None)
+        for name in sorted(set(targets) - answered):
+            self.misses[name] = self.misses.get(name, 0) + 1
+            self.skip[name] = min(2 ** (self.misses[name] - 1), self.MAX_SKIP)
+            self.note("dropped", client=name, phase=req.phase,
+                      reason=f"no reply within {self.timeout_s}s; skipped for the next {self.skip[name]} request(s)")
         return good
 
     def score(self, images: list[Image.Image], questions: list[str], responses: list[str],

@@ -67,7 +67,8 @@ def fit_router_on_objective(channel: Channel, reference, objective: list[dict], 
     p = torch.as_tensor(present)
     labels = torch.tensor([float(r["label"]) for r in objective])
     fit = fit_router(router, feats, s[:n], s[n:], labels, p[:n], steps=cfg.router.steps, lr=cfg.router.lr,
-                     weight_decay=cfg.router.weight_decay, progress=progress, seed=cfg.run.seed)
+                     weight_decay=cfg.router.weight_decay,
+                     entropy_weight=cfg.router.entropy_weight, progress=progress, seed=cfg.run.seed)
     return router, fit, p
 
 

@@ -16,6 +16,15 @@ are unreliable here" by moving weight onto an uninformative client (seen in prac
 drifting to a client whose scores are noise). ``c(x)`` is per prompt, so it cancels in GRPO's
 group-normalised advantages; GRPO receives ``R`` itself.
 
+The fit adds ``entropy_weight * mean_x H(w(x))`` to that loss. Pairwise likelihood alone leaves
+the weights under-determined: once the owner's scores rank a family's pairs correctly, moving
+weight onto another client whose scores barely vary there costs almost nothing, so the fit
+stops at a split. Measured on the demo's own objective set and ε = 8 reward models: with no
+penalty the position owner got 0.34-0.50 of the weight (the count client up to 0.56, though
+its objective-set accuracy on position is 0.41, below chance); at 0.05 every family's owner got
+>= 0.96 over three noise draws, with the same objective accuracy (0.79-0.81). This is the usual
+sparse-gating penalty of mixtures of experts.
+
 Missing clients (refused, dropped, rejected) are masked: their logits are set to -inf, so the
 softmax renormalises over the clients present.
 """
@@ -46,6 +55,11 @@ def mixture_reward(weights: torch.Tensor, scores: torch.Tensor, scale: torch.Ten
     """sum_k w_k * a_k * s_k over present clients. weights/scores/present (N, K); scale (K,) -> (N,)."""
     calibrated = torch.where(present, scores * scale, torch.zeros_like(scores))
     return (weights * calibrated).sum(-1)
+
+
+def mean_entropy(weights: torch.Tensor) -> torch.Tensor:
+    """Mean Shannon entropy (nats) of the rows of ``weights`` (N, K); zero weights contribute 0."""
+    return -(weights * torch.log(weights.clamp_min(1e-12))).sum(-1).mean()
 
 
 def pairwise_objective(reward_a: torch.Tensor, reward_b: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -124,8 +138,10 @@ class RouterFit:
 
 def fit_router(router: Router, features: torch.Tensor, scores_a: torch.Tensor, scores_b: torch.Tensor,
                labels: torch.Tensor, present: torch.Tensor, *, steps: int, lr: float,
-               weight_decay: float = 0.0, progress: bool = True, seed: int = 0) -> RouterFit:
-    """Full-batch Adam on the pairwise objective. features (N, H); scores_* and present (N, K)."""
+               weight_decay: float = 0.0, entropy_weight: float = 0.0, progress: bool = True,
+               seed: int = 0) -> RouterFit:
+    """Full-batch Adam on the pairwise objective plus ``entropy_weight`` times the weights' mean
+    entropy (see the module docstring). features (N, H); scores_* and present (N, K)."""
     torch.manual_seed(seed)
     router.fit_projection(features)
     opt = torch.optim.Adam(router.parameters(), lr=lr, weight_decay=weight_decay)
@@ -136,7 +152,7 @@ def fit_router(router: Router, features: torch.Tensor, scores_a: torch.Tensor, s
         ra = mixture_reward(weights, scores_a, router.scale, present)
         rb = mixture_reward(weights, scores_b, router.scale, present)
         conf = router.confidence(features)
-        loss = pairwise_objective(conf * ra, conf * rb, labels)
+        loss = pairwise_objective(conf * ra, conf * rb, labels) + entropy_weight * mean_entropy(weights)
         opt.zero_grad()
         loss.backward()
         opt.step()
