@@ -9,7 +9,7 @@ from mor_secure.errors import ConfigError
 from mor_secure.models.factory import build_vlm
 from mor_secure.privacy.events import DpSgdTraining
 from mor_secure.rewards.reward_model import LORA_TARGETS, VISION_LORA_TARGETS, RewardModel
-from mor_secure.rewards.train import TrainSettings, pairwise_accuracy, plan_dpsgd, train_reward_model
+from mor_secure.rewards.train import PairTensors, TrainSettings, pairwise_accuracy, plan_dpsgd, train_reward_model
 
 
 def planted_pairs(n: int, seed: int) -> list[dict]:
@@ -93,3 +93,21 @@ def test_every_planned_step_is_taken_even_on_empty_poisson_batches():
     assert events[0].steps == 20 and events[0].sample_rate == pytest.approx(0.25)
     assert result.steps == events[0].steps == result.opacus_steps  # Opacus' accountant counted each one
     assert len(result.losses) < result.steps  # some batches were empty (seeded), and still stepped
+
+
+def test_pre_encoded_pairs_train_exactly_as_encoding_them_there():
+    """``encoded=`` (FedAvg rounds encode a client's pairs once) changes nothing in the training;
+    encodings of other pairs are refused."""
+    pairs = planted_pairs(16, seed=1)
+    settings = TrainSettings(epochs=1, batch_size=8, lr=0.1, dp=False, seed=5)
+    trained = []
+    for pre_encoded in (False, True):
+        rm = RewardModel(build_vlm("llava", vocabulary(), seed=0), lora_r=2, seed=0)
+        encoded = PairTensors(rm, pairs) if pre_encoded else None
+        result = train_reward_model(rm, pairs, settings, progress=False, encoded=encoded)
+        trained.append((lora_state(rm), result.losses))
+    (a, losses_a), (b, losses_b) = trained
+    assert losses_a == losses_b and all(torch.equal(a[n], b[n]) for n in a)
+    rm = RewardModel(build_vlm("llava", vocabulary(), seed=0), lora_r=2)
+    with pytest.raises(ValueError, match="encoded holds 16 pairs"):
+        train_reward_model(rm, pairs[:8], settings, progress=False, encoded=PairTensors(rm, pairs))

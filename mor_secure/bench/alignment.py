@@ -456,15 +456,12 @@ def make_fedavg_client_app(shared_seed: int):
     from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
-    from unittest import mock
-
-    from mor_secure.data import get_family, load_split
+    from mor_secure.data import load_split
     from mor_secure.federation.client_node import ClientNode
-    from mor_secure.rewards import train as train_module
     from mor_secure.rewards.train import PairTensors, TrainSettings, train_reward_model
 
     nodes: dict[str, tuple] = {}
-    encodings: dict[str, PairTensors] = {}
+    encodings: dict[str, PairTensors] = {}  # each client's pairs, encoded in its first round only
     app = ClientApp()
 
     @app.train()
@@ -487,15 +484,10 @@ def make_fedavg_client_app(shared_seed: int):
                                  seed=int(hashlib.sha256(f"{folder}:{rnd}".encode()).hexdigest()[:8], 16))
         context_ = {"run_id": str(cfg["run-id"]), "phase": "fedavg", "purpose": f"FedAvg round {rnd}: local DP-SGD",
                     "client": node.name}
-
-        def encode_once(rm_, pairs_):
-            # the pairs are encoded once per client, not once per round: the same processor, the same pairs
-            if folder not in encodings:
-                encodings[folder] = PairTensors(rm_, pairs_)
-            return encodings[folder]
-
-        with mock.patch.object(train_module, "PairTensors", encode_once):
-            train_reward_model(rm, pairs, settings, authorize=lambda ev: node._record(ev, context_), progress=False)
+        if folder not in encodings:  # the same processor and pairs every round
+            encodings[folder] = PairTensors(rm, pairs)
+        train_reward_model(rm, pairs, settings, authorize=lambda ev: node._record(ev, context_), progress=False,
+                           encoded=encodings[folder])
         content = RecordDict({"arrays": ArrayRecord(torch_state_dict=trainable_state(rm)),
                               "metrics": MetricRecord({"num-examples": len(pairs)})})
         return Message(content=content, reply_to=msg)

@@ -118,12 +118,18 @@ def train_reward_model(
     authorize: Callable[[DpSgdTraining], object] | None = None,
     progress: bool = True,
     desc: str = "reward model",
+    encoded: PairTensors | None = None,
 ) -> TrainResult:
-    """Train ``rm`` in place. With DP, ``authorize(event)`` must record the event first."""
+    """Train ``rm`` in place. With DP, ``authorize(event)`` must record the event first.
+
+    ``encoded``: ``pairs`` already encoded by ``PairTensors`` with the same processor (a caller that
+    trains on the same pairs several times, such as FedAvg rounds, encodes them once)."""
     if not pairs:
         raise ConfigError("the client has no preference pairs to train on; check data.train_pairs_per_client.")
+    if encoded is not None and len(encoded.dataset) != len(pairs):
+        raise ValueError(f"encoded holds {len(encoded.dataset)} pairs, not the {len(pairs)} given")
     torch.manual_seed(settings.seed)
-    data = PairTensors(rm, pairs)
+    data = encoded if encoded is not None else PairTensors(rm, pairs)
     optimizer = make_optimizer(rm, settings)
     loader = DataLoader(data.dataset, batch_size=settings.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(settings.seed))
