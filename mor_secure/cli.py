@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from mor_secure.errors import MorSecureError
+from mor_secure.errors import ConfigError, MorSecureError
 from mor_secure.quiet import quiet_libraries
 
 
@@ -130,8 +130,24 @@ def cmd_client_init(args: argparse.Namespace) -> int:
     folder = init_client_folder(load_config(args.config, args.set), args.name, Path(args.out),
                                 Path(args.kit) if args.kit else None)
     node_config = f'client-dir="{folder}"' + (f' kit-dir="{Path(args.kit).resolve()}"' if args.kit else "")
-    print(f"client folder: {folder}\nSuperNode node config: --node-config '{node_config}'")
+    print(f"client folder: {folder}\nSuperNode node config: --node-config '{node_config}'\n"
+          f"optional, faster in deployment: keep this client's reward model loaded with "
+          f"`mor-secure client serve --dir {folder}{' --kit ' + str(Path(args.kit).resolve()) if args.kit else ''}` "
+          f"and add scorer-socket=\"{folder / 'scorer.sock'}\" to the node config")
     return 0
+
+
+def cmd_client_serve(args: argparse.Namespace) -> int:
+    from mor_secure.federation.scoring_service import run_service
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads {args.threads}: give at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return run_service(Path(args.dir), Path(args.kit) if args.kit else None,
+                       Path(args.socket) if args.socket else None)
 
 
 def cmd_bench_ckks(args: argparse.Namespace) -> int:
@@ -286,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--kit", help="this client's kit from `mor-secure provision` (its ledger key is used)")
     init.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     init.set_defaults(func=cmd_client_init)
+    serve = client.add_parser("serve", help="keep this client's reward model loaded and answer its SuperNode's "
+                                            "ClientApp over a local socket (deployment; see README)")
+    serve.add_argument("--dir", required=True, help="the client folder (from `mor-secure client init`)")
+    serve.add_argument("--kit", help="this client's kit (needed for CKKS)")
+    serve.add_argument("--socket", help="Unix socket to create (default: DIR/scorer.sock)")
+    serve.add_argument("--threads", type=int, help="torch threads for training and scoring (default: torch's)")
+    serve.set_defaults(func=cmd_client_serve)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
     bench_ckks = bench.add_parser("ckks", help="time per GRPO step and bytes per step, with and without CKKS")

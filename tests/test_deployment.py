@@ -9,10 +9,13 @@ in teardown (``ProcessGroup``), descendants included.
 from __future__ import annotations
 
 import json
+import re
+import signal
 import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from helpers.hardening import record as hardening_record
 
@@ -20,8 +23,8 @@ from mor_secure.config import load_config
 from mor_secure.crypto.provision import provision
 from mor_secure.deploy.client_init import init_client_folder
 from mor_secure.deploy.local import (
-    LOOPBACK, ProcessGroup, flower_env, free_port, superlink_argv, supernode_argv, wait_for_port,
-    write_connection,
+    LOOPBACK, ProcessGroup, flower_env, free_port, scoring_service_argv, superlink_argv, supernode_argv,
+    wait_for_port, wait_for_socket, write_connection,
 )
 from mor_secure.privacy.ledger import load_public_key, verify_ledger
 
@@ -30,6 +33,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "deploy_smoke.yaml"
 CLIENTS = ["alpha", "beta", "gamma"]
+SERVICE_CLIENT = "gamma"  # answers through its scoring service; alpha and beta in the per-message ClientApp
 RUN_TIMEOUT_S = 240
 
 
@@ -114,8 +118,14 @@ def job(link):
     cfg = load_config(CONFIG)
     for name in CLIENTS:
         folder = init_client_folder(cfg, name, root / "clients" / name, kits.client_dirs[name])
+        sock = None
+        if name == SERVICE_CLIENT:  # this client keeps its RM loaded in `mor-secure client serve`
+            proc = start_node(link, f"service_{name}", scoring_service_argv(folder, kits.client_dirs[name]),
+                              timeout_s=RUN_TIMEOUT_S + 60)
+            sock = folder / "scorer.sock"
+            wait_for_socket(sock, proc, timeout_s=120)
         start_node(link, f"supernode_{name}", supernode_argv(kits.client_dirs[name], folder, link["address"],
-                                                              free_port()), timeout_s=RUN_TIMEOUT_S + 60)
+                                                              free_port(), sock), timeout_s=RUN_TIMEOUT_S + 60)
     run_dir = root / "server_run"
     run_config = f"run-dir='{run_dir}' config='{CONFIG}' server-kit='{kits.server_dir}'"
     submit = subprocess.run(["flwr", "run", str(REPO), "local", "--run-config", run_config],
@@ -130,7 +140,8 @@ def job(link):
         if record.get("status") == "failed" or (record.get("status") == "completed" and finished):
             break
         time.sleep(2)
-    logs = {n: link["group"].log(n)[-2000:] for n in ["superlink", *[f"supernode_{c}" for c in CLIENTS]]}
+    logs = {n: link["group"].log(n)[-2000:] for n in ["superlink", f"service_{SERVICE_CLIENT}",
+                                                      *[f"supernode_{c}" for c in CLIENTS]]}
     assert record.get("status") == "completed", json.dumps({"record": record, "logs": logs}, indent=1)
     return run_dir, root
 
@@ -163,3 +174,20 @@ def test_each_client_ledger_verifies_on_its_own_disk(job):
         assert verify_ledger(folder / "ledger.jsonl", load_public_key(folder / "ledger_key.pub")).ok
         phases = [json.loads(x)["context"]["phase"] for x in (folder / "ledger.jsonl").read_text().splitlines()]
         assert phases[0] == "rm_training" and phases.count("router_fit") == 1 and phases.count("grpo") == steps
+
+
+def test_scoring_service_answered_every_request_of_its_client(job, link):
+    """gamma's SuperNode relayed to its service: the service process trained and scored (the
+    ledger entries above are its writes), and it stops cleanly on SIGTERM and says how many."""
+    _, root = job
+    proc = link["group"].procs[f"service_{SERVICE_CLIENT}"]
+    assert proc.poll() is None, "the service died during the run:\n" + link["group"].log(f"service_{SERVICE_CLIENT}")
+    psutil.Process(proc.pid).children()[0].send_signal(signal.SIGTERM)  # `timeout` runs the service as its child
+    proc.wait(timeout=30)
+    log = link["group"].log(f"service_{SERVICE_CLIENT}")
+    served = int(re.search(r"stopped after (\d+) request", log).group(1))
+    ledger = (root / "clients" / SERVICE_CLIENT / "ledger.jsonl").read_text().splitlines()
+    # one train request, then one request per release (router fit, GRPO steps) plus evaluation
+    # and decrypt requests, which release nothing new
+    assert served >= len(ledger), (served, len(ledger), log[-2000:])
+    assert not (root / "clients" / SERVICE_CLIENT / "scorer.sock").exists()

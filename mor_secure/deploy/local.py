@@ -53,6 +53,9 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("HF_DATASETS_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # the SuperExec looks for new tasks every second by default; each reward round trip waited
+    # 0.5 s for it on average. 0.1 s costs one local poll of the SuperNode ten times a second.
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     return env
 
 
@@ -63,10 +66,14 @@ def superlink_argv(server_kit: Path, host: str, port: int) -> list[str]:
             "--host", host, "--port", str(port)]
 
 
-def supernode_argv(client_kit: Path, client_dir: Path, superlink: str, runtime_port: int) -> list[str]:
-    """``flower-supernode`` with the kit's CA and node key; client and kit folders as node config."""
+def supernode_argv(client_kit: Path, client_dir: Path, superlink: str, runtime_port: int,
+                   scorer_socket: Path | None = None) -> list[str]:
+    """``flower-supernode`` with the kit's CA and node key; client and kit folders as node config,
+    and the client's scoring service (``mor-secure client serve``) when ``scorer_socket`` is given."""
     kit = load_client_kit(client_kit)
     node_config = f'client-dir="{Path(client_dir).resolve()}" kit-dir="{Path(client_kit).resolve()}"'
+    if scorer_socket is not None:
+        node_config += f' scorer-socket="{Path(scorer_socket).resolve()}"'
     return ["flower-supernode", "--superlink", superlink, *kit.supernode_args(), "--node-config", node_config,
             "--host", LOOPBACK, "--port", str(runtime_port)]
 
@@ -80,6 +87,27 @@ def write_connection(flwr_home: Path, name: str, address: str, ca_pem: Path) -> 
     path.write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n'
                     f'root-certificates = "{Path(ca_pem).resolve()}"\n')
     return path
+
+
+def scoring_service_argv(client_dir: Path, client_kit: Path | None = None, threads: int | None = None) -> list[str]:
+    """``mor-secure client serve`` for ``client_dir`` (its socket: ``client_dir/scorer.sock``)."""
+    argv = [str(Path(sys.executable).parent / "mor-secure"), "client", "serve", "--dir", str(Path(client_dir).resolve())]
+    if client_kit is not None:
+        argv += ["--kit", str(Path(client_kit).resolve())]
+    return argv + (["--threads", str(threads)] if threads is not None else [])
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Return once a Unix socket exists at ``path``; RuntimeError if ``proc`` exits first,
+    TimeoutError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if Path(path).is_socket():
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"the process meant to create {path} exited with code {proc.returncode}")
+        time.sleep(0.1)
+    raise TimeoutError(f"no socket at {path} after {timeout_s:.0f}s")
 
 
 def wait_for_port(host: str, port: int, timeout_s: float) -> None:

@@ -7,6 +7,13 @@ from the factory argument (``mor-secure run``) or ``run_config["run-dir"]`` (``f
 
 Which kit (CKKS secret context): ``node_config["kit-dir"]`` in deployment, else in simulation
 ``<run>/kits/clients/<name>`` when the run provisioned kits (``federation.encryption: ckks``).
+
+Where the handlers run: in this process, unless the node config names ``scorer-socket`` (a
+client's long-lived ``mor-secure client serve``, ``scoring_service``). Then this process only
+relays the request there, so the deployment runtime's per-message process imports Flower and
+this module, not torch. Either way every request goes through :func:`handle`, and every failure
+becomes a typed error reply through :func:`failure`. Heavy imports (torch, the client node) are
+deferred to the in-process path for that reason.
 """
 
 from __future__ import annotations
@@ -17,28 +24,30 @@ import threading
 import traceback
 from pathlib import Path
 
-import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from mor_secure.crypto import ckks
 from mor_secure.errors import BudgetExceededError, ConfigError, CryptoError, ProtocolError
 from mor_secure.federation import protocol as P
-from mor_secure.federation.client_node import ClientNode
-from mor_secure.quiet import quiet_libraries
+from mor_secure.federation import scoring_service
 
 log = logging.getLogger(__name__)
-_NODES: dict[tuple[Path, Path | None], ClientNode] = {}  # one per (client folder, kit) in this process
+_NODES: dict = {}  # (client folder, kit) -> ClientNode, one per pair in this process
 _NODES_LOCK = threading.Lock()
-_QUIET = threading.Event()  # libraries quieted in this process (once: it costs ~3 ms, a walk of every logger)
+_PREPARED = threading.Event()  # torch threads set and libraries quieted in this process (once)
 
 
-def _quiet_once() -> None:
+def _prepare_once() -> None:
     # A module-level function: the handlers below are pickled by value for Ray's simulation actors,
     # and an Event they referenced directly would be pickled with them (and fail: it holds a lock).
-    if not _QUIET.is_set():
+    if not _PREPARED.is_set():
+        import torch
+
+        from mor_secure.quiet import quiet_libraries
+
+        torch.set_num_threads(1)  # simulation runs several clients on few cores
         quiet_libraries()
-        _QUIET.set()
+        _PREPARED.set()
 
 
 def resolve_client_dir(context: Context, run_dir: Path | None) -> Path:
@@ -63,7 +72,9 @@ def resolve_kit_dir(context: Context, client_dir: Path) -> Path | None:
     return sim_kit if (client_dir.parent.parent / "clients.json").is_file() and sim_kit.is_dir() else None
 
 
-def node_for(context: Context, run_dir: Path | None) -> ClientNode:
+def node_for(context: Context, run_dir: Path | None):
+    from mor_secure.federation.client_node import ClientNode
+
     folder = resolve_client_dir(context, run_dir)
     key = (folder, resolve_kit_dir(context, folder))
     with _NODES_LOCK:
@@ -72,54 +83,58 @@ def node_for(context: Context, run_dir: Path | None) -> ClientNode:
         return _NODES[key]
 
 
-def _guarded(handler):
-    """Turn every failure into a typed error reply; never crash the node silently."""
+def handle(kind: str, content: RecordDict, node) -> RecordDict:
+    """The reply content for one request to ``node`` (a ``ClientNode``); raises typed errors."""
+    if kind == "train":
+        run_id = content["cfg"]["run_id"] if "cfg" in content.config_records else None
+        if not isinstance(run_id, str) or not run_id:
+            raise ProtocolError("cfg.run_id must be a non-empty string")
+        model_class = node.train(run_id, progress=False)
+        s = node.config.scores
+        return P.encode_hello(node.name, model_class, s.clip_bound, s.noise_std, node.config.privacy.dp_sgd)
+    if kind == "query.score":
+        from mor_secure.crypto import ckks
 
-    def wrapped(msg: Message, context: Context, run_dir: Path | None) -> Message:
-        torch.set_num_threads(1)  # simulation runs several clients on few cores
-        _quiet_once()
+        req = P.decode_score_request(content)
+        if req.encrypt:  # no kit, or more responses than slots: refuse before anything is recorded
+            slots = ckks.slot_count(node.ckks_context)
+            if len(req.responses) > slots:
+                raise ProtocolError(f"cfg.responses has {len(req.responses)} items; one ciphertext holds {slots}")
+            return P.encode_encrypted_scores(node.name, node.encrypt(node.score(req)))
+        return P.encode_scores(node.name, node.score(req))
+    if kind == "query.decrypt":
+        return P.encode_aggregate(node.name, node.decrypt(P.decode_decrypt_request(content)))
+    raise ProtocolError(f"unknown message type {kind!r}; this client answers train, query.score, query.decrypt")
+
+
+def failure(exc: BaseException) -> tuple[int, str]:
+    """The error code and reason a client replies with for ``exc``."""
+    if isinstance(exc, BudgetExceededError):
+        return P.ERR_BUDGET_REFUSED, str(exc)
+    if isinstance(exc, ProtocolError):
+        return P.ERR_BAD_REQUEST, str(exc)
+    if isinstance(exc, (ConfigError, CryptoError)):
+        return P.ERR_NOT_READY, str(exc)
+    # reported to the server, with the trace in the client log
+    log.error("client handler failed:\n%s", "".join(traceback.format_exception(exc)))
+    return P.ERR_INTERNAL, f"{type(exc).__name__}: {exc}"
+
+
+def serve_message(msg: Message, context: Context, run_dir: Path | None) -> Message:
+    """Every failure becomes a typed error reply; the node is never crashed silently."""
+    socket_path = context.node_config.get("scorer-socket")
+    if socket_path:
         try:
-            return handler(msg, node_for(context, run_dir))
-        except BudgetExceededError as exc:
-            return P.error_reply(msg, P.ERR_BUDGET_REFUSED, str(exc))
-        except ProtocolError as exc:
-            return P.error_reply(msg, P.ERR_BAD_REQUEST, str(exc))
-        except (ConfigError, CryptoError) as exc:
+            out = scoring_service.forward(Path(str(socket_path)), msg.metadata.message_type, msg.content,
+                                          dict(context.node_config))
+        except scoring_service.ServiceError as exc:
             return P.error_reply(msg, P.ERR_NOT_READY, str(exc))
-        except Exception as exc:  # noqa: BLE001 - reported to the server, with the trace in the client log
-            log.error("client handler failed:\n%s", traceback.format_exc())
-            return P.error_reply(msg, P.ERR_INTERNAL, f"{type(exc).__name__}: {exc}")
-
-    return wrapped
-
-
-@_guarded
-def handle_train(msg: Message, node: ClientNode) -> Message:
-    run_id = msg.content["cfg"]["run_id"]
-    if not isinstance(run_id, str) or not run_id:
-        raise ProtocolError("cfg.run_id must be a non-empty string")
-    model_class = node.train(run_id, progress=False)
-    s = node.config.scores
-    return Message(P.encode_hello(node.name, model_class, s.clip_bound, s.noise_std, node.config.privacy.dp_sgd),
-                   reply_to=msg)
-
-
-@_guarded
-def handle_score(msg: Message, node: ClientNode) -> Message:
-    req = P.decode_score_request(msg.content)
-    if req.encrypt:  # no kit, or more responses than slots: refuse before anything is recorded
-        slots = ckks.slot_count(node.ckks_context)
-        if len(req.responses) > slots:
-            raise ProtocolError(f"cfg.responses has {len(req.responses)} items; one ciphertext holds {slots}")
-        return Message(P.encode_encrypted_scores(node.name, node.encrypt(node.score(req))), reply_to=msg)
-    scores = node.score(req)
-    return Message(P.encode_scores(node.name, scores), reply_to=msg)
-
-
-@_guarded
-def handle_decrypt(msg: Message, node: ClientNode) -> Message:
-    req = P.decode_decrypt_request(msg.content)
-    return Message(P.encode_aggregate(node.name, node.decrypt(req)), reply_to=msg)
+        return P.error_reply(msg, *out) if isinstance(out, tuple) else Message(out, reply_to=msg)
+    _prepare_once()
+    try:
+        return Message(handle(msg.metadata.message_type, msg.content, node_for(context, run_dir)), reply_to=msg)
+    except Exception as exc:  # noqa: BLE001 - typed by failure()
+        return P.error_reply(msg, *failure(exc))
 
 
 def make_client_app(run_dir: Path | None = None) -> ClientApp:
@@ -127,15 +142,15 @@ def make_client_app(run_dir: Path | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, run_dir)
+        return serve_message(msg, context, run_dir)
 
     @app.query("score")
     def score(msg: Message, context: Context) -> Message:
-        return handle_score(msg, context, run_dir)
+        return serve_message(msg, context, run_dir)
 
     @app.query("decrypt")
     def decrypt(msg: Message, context: Context) -> Message:
-        return handle_decrypt(msg, context, run_dir)
+        return serve_message(msg, context, run_dir)
 
     return app
 
