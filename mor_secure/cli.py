@@ -178,6 +178,16 @@ def cmd_bench_perf(args: argparse.Namespace) -> int:
     def ints(text: str) -> tuple[int, ...]:
         return tuple(int(c) for c in text.split(",") if c)
 
+    out = Path(args.out) if args.out else (None if args.quick else perf.default_out())
+    results = Path(args.results) if args.results else (None if args.quick else perf.default_out().parent
+                                                       / "benchmarks" / "perf_results.json")
+    if args.report_only:
+        if results is None:
+            raise ConfigError("--report-only needs --results (--quick keeps no results file)")
+        print(perf.report(results, out))
+        if out is not None:
+            print(f"written: section 'perf' of {out} from {results}")
+        return 0
     if args.quick:
         parts = {k: dict(v) for k, v in perf.QUICK.items()}
     else:
@@ -186,12 +196,12 @@ def cmd_bench_perf(args: argparse.Namespace) -> int:
                  "grpo": {"clients": args.grpo_clients, "steps": args.grpo_steps, "repeats": args.grpo_repeats,
                           "transport": args.transport},
                  "rounds": {"counts": ints(args.clients), "repeats": args.repeats, "engine": args.engine}}
-    out = Path(args.out) if args.out else (None if args.quick else perf.default_out())
     defaults = vars(build_parser().parse_args(["bench", "perf"]))
     given = [(k, v) for k, v in vars(args).items() if k in defaults and k != "func" and v != defaults[k]]
     command = " ".join(["mor-secure bench perf", *(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-                                                    for k, v in given if k not in ("json", "no_progress"))])
-    result, body = perf.run(command=command, out=out, progress=not args.no_progress, **parts)
+                                                    for k, v in given if k not in ("json", "no_progress", "out",
+                                                                                   "results"))])
+    result, body = perf.run(command=command, out=out, progress=not args.no_progress, results=results, **parts)
     print(body)
     if out is not None:
         print(f"written: section 'perf' of {out}")
@@ -324,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_perf = bench.add_parser("perf", help="DP-SGD vs non-private RM step, GRPO step with rewards through "
                                   "Flower (TLS) vs in-process, one Flower round with 3..64 clients")
     bench_perf.add_argument("--repeats", type=int, default=3, help="repeats of (a) and (c) (medians are reported)")
+    bench_perf.add_argument("--results", help="JSON of the measured numbers, command and date "
+                            "(default: benchmarks/perf_results.json; none with --quick)")
+    bench_perf.add_argument("--report-only", action="store_true",
+                            help="only render the section again from --results (no measurement)")
     bench_perf.add_argument("--clients", default="3,8,16,32,64", help="client counts for the Flower round (c)")
     bench_perf.add_argument("--engine", choices=["simulation", "inproc"], default="simulation",
                             help="(c) in Flower's simulation engine (Ray) or an in-process grid")

@@ -8,7 +8,9 @@ import math
 import pytest
 
 from mor_secure.bench.markdown import read_section, update_section
+from mor_secure.bench import perf
 from mor_secure.cli import main
+from mor_secure.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +23,9 @@ def test_quick_bench_perf_writes_its_section(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     update_section(out, "other", "Another benchmark", "kept as it is")
     raw = tmp_path / "perf.json"
-    assert main(["bench", "perf", "--quick", "--no-progress", "--out", str(out), "--json", str(raw)]) == 0
+    stored = tmp_path / "perf_results.json"
+    assert main(["bench", "perf", "--quick", "--no-progress", "--out", str(out), "--json", str(raw),
+                 "--results", str(stored)]) == 0
     result = json.loads(raw.read_text())
 
     # (a) DP-SGD over non-private, per grad-sample mode; modes our RM cannot use are named with their error
@@ -56,3 +60,38 @@ def test_quick_bench_perf_writes_its_section(tmp_path):
     assert "| llava |" in section and "| 3 |" in section and "| 8 |" in section
     assert read_section(out, "other").endswith("kept as it is")
     assert text.count("<!-- bench:perf -->") == 1
+
+    # --report-only renders the same section again from the stored numbers, measuring nothing
+    again = tmp_path / "AGAIN.md"
+    assert main(["bench", "perf", "--report-only", "--results", str(stored), "--out", str(again)]) == 0
+    assert read_section(again, "perf") == section
+    with pytest.raises(ConfigError, match="no perf results"):
+        perf.report(tmp_path / "missing.json", None)
+
+
+def _transport(direct_step: float, tls_ratio: float, svc_ratio: float) -> dict:
+    """A synthetic (b) result in the shape ``bench_grpo_transport`` returns (no run behind it)."""
+    direct = {"step_s": direct_step, "reward_s": 0.2, "server_cpu_s": direct_step}
+
+    def side(ratio):
+        step = direct_step * ratio
+        return {"step_s": step, "reward_s": step - direct_step + 0.2, "server_cpu_s": 0.3, "ratio": ratio,
+                "ratio_by_repeat": [ratio], "reward_extra_s": step - direct_step}
+
+    proc = {"process_s": 7.0, "process_cpu_s": 6.0, "runtime_import_s": 1.4, "app_import_s": 0.4, "node_s": 5.2}
+    relay = {"process_s": 1.8, "process_cpu_s": 1.7, "runtime_import_s": 1.4, "app_import_s": 0.4, "node_s": 0.0}
+    return {"sides": {"direct": direct, "grid": side(1.2), "tls": side(tls_ratio), "tls_service": side(svc_ratio)},
+            "service_run": {"direct": direct}, "clientapp_cold_start": {"full": proc, "relay": relay}}
+
+
+def test_transport_verdict_reads_the_best_deployment_side_and_explains_the_waits():
+    from mor_secure.bench.perf import _transport_analysis
+
+    missed = "\n".join(_transport_analysis(_transport(0.5, 30.0, 10.0), 2))
+    assert missed.startswith("Target (b) **missed**: 10.00x over TLS with each client's scoring service, 30.00x")
+    # the server computes 0.5 - 0.2 = 0.3 s between reward calls: the idle SuperNode's 3 s sleep has 2.7 s left
+    assert "waits about 2.7 s" in missed
+    assert "= 4.9 s with the service (measured 4.5 s), 10.1 s without" in missed  # 2.7+0.05+0.25+0.1 + process
+    assert "steps that take over 9 s in-process" in missed  # extra 4.5 s / (1.5 - 1)
+    met = "\n".join(_transport_analysis(_transport(12.0, 2.0, 1.3), 2))
+    assert met.startswith("Target (b) **met**: 1.30x over TLS with each client's scoring service")

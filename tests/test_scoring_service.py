@@ -217,3 +217,16 @@ def test_peer_with_another_uid_is_refused_for_real(folder, tmp_path):
         assert len(ledger_lines(svc.folder)) == before
     finally:
         shutil.rmtree(open_dir, ignore_errors=True)
+
+
+def test_client_commands_name_the_service_and_refuse_a_folder_that_is_not_a_client(tmp_path, capsys):
+    from mor_secure.cli import main
+
+    out = tmp_path / "alpha"
+    assert main(["client", "init", "configs/deploy_smoke.yaml", "--name", "alpha", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"mor-secure client serve --dir {out}" in printed and f'scorer-socket="{out / "scorer.sock"}"' in printed
+    assert main(["client", "serve", "--dir", str(tmp_path / "nothing")]) == 2
+    assert "has no client.json" in capsys.readouterr().err
+    assert main(["client", "serve", "--dir", str(out), "--threads", "0"]) == 2
+    assert "--threads 0" in capsys.readouterr().err

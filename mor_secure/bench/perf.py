@@ -741,9 +741,13 @@ def _rounds(grid, names: list[str], counts: Sequence[int], repeats: int, respons
     rec = _RecordingGrid(grid)
     with tempfile.TemporaryDirectory(prefix="mor-perf-round-") as tmp:
         channel = Channel(rec, "bench-perf-rounds", Path(tmp) / "events.jsonl", timeout_s=900)
-        if sorted(channel.train_all(timeout_s=900)) != sorted(names):
-            raise RuntimeError(f"not every client answered the hello round: {sorted(channel.clients)}")
         events = Path(tmp) / "events.jsonl"
+        t_hello = time.perf_counter()
+        if sorted(channel.train_all(timeout_s=900)) != sorted(names):
+            raise RuntimeError(f"not every client answered the hello round after {time.perf_counter() - t_hello:.1f} s: "
+                               f"{len(channel.clients)} of {len(names)} answered, the grid lists "
+                               f"{len(list(grid.get_node_ids()))} nodes; events: "
+                               f"{events.read_text()[-3000:] if events.exists() else 'none'}")
         n_prompts = max(1, responses // 8)
         data = make_server_sets("shapes", None, 1, 32, n_public=n_prompts, n_objective=8, n_eval=8)["public"]
         images, questions = [r["image"] for r in data], [r["question"] for r in data]
@@ -882,12 +886,13 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
         return lines
     full, relay = cold["full"], cold["relay"]
     compute = max(direct["step_s"] - direct["reward_s"], 0.0)  # the server's GRPO work between reward calls
-    idle = max(3.0 - compute, 0.0)
+    idle = 3.0 - compute if compute < 3.0 else 1.5  # past one sleep, a request lands at a random point of one
     fixed = idle + 0.05 + 0.25 + 0.1
     lines += ["", "Where the time goes, on Flower 1.42, for each message to a SuperNode:", "",
               f"- the SuperNode pulls from the SuperLink every 3 s when it is idle (fixed in Flower's source). "
               f"After a reply it pulls again at once, finds nothing (the server is still computing its next step, "
-              f"{compute:.2f} s here) and sleeps 3 s: the next request waits about {idle:.1f} s;",
+              f"{compute:.2f} s here) and sleeps 3 s: the next request waits about {idle:.1f} s (1.5 s on average "
+              f"once the server computes for longer than 3 s);",
               "- its SuperExec looks for tasks every 0.1 s (`FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1`, set by "
               "`mor_secure.deploy.local.flower_env` and the README recipe; Flower's default is 1 s) and starts a "
               "new `flwr-clientapp` process for the message;",
@@ -918,7 +923,7 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
     return lines
 
 
-def render(result: dict, command: str, date: str) -> str:
+def render(result: dict, command: str, date: str, machine_line: str | None = None) -> str:
     """The body of BENCHMARKS.md's ``perf`` section for ``result``."""
     from mor_secure.deploy.bench import machine
 
@@ -935,7 +940,7 @@ def render(result: dict, command: str, date: str) -> str:
               f"The machine was otherwise idle during this run (other processes: "
               f"{100 * load['others_share']:.0f}% of the CPUs; load average {load['loadavg_start'][0]:.1f} at "
               f"the start).")
-    lines = [f"Measured {date} on {machine()}.", "", f"Command: `{command}` ({load['wall_s'] / 60:.1f} min)", "",
+    lines = [f"Measured {date} on {machine_line or machine()}.", "", f"Command: `{command}` ({load['wall_s'] / 60:.1f} min)", "",
              shared, ""]
     # (a)
     best = {fam: row for fam, row in a["families"].items() if "best_ratio" in row}
@@ -1068,16 +1073,39 @@ QUICK = {
 
 
 def run(*, command: str, out: Path | str | None, dpsgd: dict | None = None, grpo: dict | None = None,
-        rounds: dict | None = None, progress: bool = True) -> tuple[dict, str]:
-    """Run the benchmark, render the section and (``out``) write it into that BENCHMARKS.md."""
+        rounds: dict | None = None, progress: bool = True, results: Path | str | None = None) -> tuple[dict, str]:
+    """Run the benchmark, render the section and (``out``) write it into that BENCHMARKS.md;
+    (``results``) keep the measured numbers, the command and the date there as JSON, so the
+    section can be rendered again from them (``report``)."""
     import datetime as dt
+
+    from mor_secure.deploy.bench import machine
 
     result = bench_perf(dpsgd=dpsgd, grpo=grpo, rounds=rounds, progress=progress)
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if results is not None:
+        Path(results).parent.mkdir(parents=True, exist_ok=True)
+        Path(results).write_text(json.dumps({"command": command, "date": date, "machine": machine(),
+                                             "result": result}, indent=1, default=str))
     body = render(result, command, date)
     if out is not None:
         write_section(out, body)
     return result, body
+
+
+def report(results: Path | str, out: Path | str | None) -> str:
+    """The section rendered again from a results JSON written by ``run`` (same numbers, command
+    and date: only the text around them can change); written into ``out`` when given."""
+    path = Path(results)
+    if not path.is_file():
+        raise ConfigError(f"no perf results at {path}; run `mor-secure bench perf` first (it writes them)")
+    stored = json.loads(path.read_text())
+    rounds = stored["result"]["rounds"]
+    rounds["rows"] = {int(k): v for k, v in rounds["rows"].items()}  # JSON keeps the client counts as strings
+    body = render(stored["result"], stored["command"], stored["date"], machine_line=stored.get("machine"))
+    if out is not None:
+        write_section(out, body)
+    return body
 
 
 def default_out() -> Path:

@@ -426,7 +426,8 @@ def _reading(rows: list[dict]) -> list[str]:
         "faster than bytes inside a ConfigRecord (`protocol._bytes_array`).",
         "- **Not in these numbers: the deployment runtime.** There the extra round trip costs at least one "
         "SuperNode poll (Flower 1.42 sleeps up to 3 s between polls when a SuperNode has nothing to do), "
-        "seconds rather than milliseconds; see the loopback measurement below.",
+        "seconds rather than milliseconds: one more reward round trip per step, whose cost section "
+        "'Performance' (b) measures.",
     ]
     return lines
 
