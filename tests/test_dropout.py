@@ -106,6 +106,39 @@ def test_silent_client_is_skipped_with_backoff_and_asked_again(trained, tmp_path
     assert kinds == ["dropped", "skipped", "dropped", "skipped", "skipped"]
 
 
+class LateGrid(InProcessGrid):
+    """Lists its nodes one more per ``get_node_ids`` call (at most ``up_to``): SuperNodes that
+    register after the ServerApp starts, as in Flower's ``run_simulation`` (see
+    ``Channel.wait_for_nodes``)."""
+
+    def __init__(self, *args, up_to: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.up_to, self.calls = up_to, 0
+
+    def get_node_ids(self):
+        self.calls += 1
+        return sorted(self.node_configs)[:min(self.calls - 1, self.up_to)]
+
+
+def test_phase_one_waits_for_late_nodes_and_notes_the_missing(trained, tmp_path):
+    for name in NAMES:
+        shutil.copytree(trained / "clients" / name, tmp_path / "clients" / name)
+    configs = {n: {"client-dir": str(tmp_path / "clients" / c)} for n, c in NODES.items()}
+    late = LateGrid(make_client_app(), configs, up_to=3)
+    assert sorted(Channel(late, "late", tmp_path / "late.jsonl", timeout_s=60).train_all(
+        timeout_s=60, expected=3, wait_s=30)) == NAMES
+    assert late.calls == 4 and not (tmp_path / "late.jsonl").exists()
+    # without waiting, the same grid gives phase 1 no node at all
+    assert Channel(LateGrid(make_client_app(), configs, up_to=3), "early", tmp_path / "early.jsonl",
+                   timeout_s=60).train_all(timeout_s=60) == {}
+    # a node that never comes: phase 1 goes on with the others after wait_s, and says so
+    partial = Channel(LateGrid(make_client_app(), configs, up_to=2), "partial", tmp_path / "partial.jsonl",
+                      timeout_s=60).train_all(timeout_s=60, expected=3, wait_s=0.5)
+    assert sorted(partial) == NAMES[:2]
+    (event,) = map(json.loads, (tmp_path / "partial.jsonl").read_text().splitlines())
+    assert event["kind"] == "nodes_missing" and event["expected"] == 3 and event["present"] == 2
+
+
 class RecordingReward(MixtureReward):
     """The real MixtureReward; keeps what each GRPO step asked and got, to recompute it."""
 

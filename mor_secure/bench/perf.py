@@ -387,7 +387,8 @@ def grpo_sides(spec: dict, grid=None, progress_path: Path | None = None) -> dict
         channels["grid"] = Channel(InProcessGrid(make_client_app(), nodes), "bench-perf-grid",
                                    root / "events-grid.jsonl", timeout_s=600)
     for side, ch in channels.items():
-        if len(ch.train_all(timeout_s=600)) != len(spec["folders"]["direct"]):
+        if len(ch.train_all(timeout_s=600, expected=len(spec["folders"]["direct"]), wait_s=300)) != len(
+                spec["folders"]["direct"]):
             raise RuntimeError(f"side {side}: not every client answered the train message "
                                f"(see {ch.events_path})")
     direct = {n.name: n for n in (ClientNode(Path(d)) for d in spec["folders"]["direct"])}
@@ -743,7 +744,7 @@ def _rounds(grid, names: list[str], counts: Sequence[int], repeats: int, respons
         channel = Channel(rec, "bench-perf-rounds", Path(tmp) / "events.jsonl", timeout_s=900)
         events = Path(tmp) / "events.jsonl"
         t_hello = time.perf_counter()
-        if sorted(channel.train_all(timeout_s=900)) != sorted(names):
+        if sorted(channel.train_all(timeout_s=900, expected=len(names), wait_s=300)) != sorted(names):
             raise RuntimeError(f"not every client answered the hello round after {time.perf_counter() - t_hello:.1f} s: "
                                f"{len(channel.clients)} of {len(names)} answered, the grid lists "
                                f"{len(list(grid.get_node_ids()))} nodes; events: "

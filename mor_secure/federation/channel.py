@@ -110,8 +110,34 @@ class Channel:
         log.warning("%s: %s", kind, detail)
 
     # -- phase 1 -----------------------------------------------------------------------------------
-    def train_all(self, timeout_s: float) -> dict[str, ClientInfo]:
-        node_ids = sorted(self.grid.get_node_ids())
+    def wait_for_nodes(self, expected: int, timeout_s: float) -> list[int]:
+        """The grid's node ids once it lists ``expected`` of them, or whatever it lists after
+        ``timeout_s`` (noted as ``nodes_missing``).
+
+        Flower's ``run_simulation`` starts the ServerApp before it registers the SuperNodes, and
+        on the deployment runtime SuperNodes join when they start: asking at once can leave
+        clients out of the whole run.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            node_ids = sorted(self.grid.get_node_ids())
+            if len(node_ids) >= expected:
+                return node_ids
+            if time.monotonic() >= deadline:
+                self.note("nodes_missing", expected=expected, present=len(node_ids),
+                          reason=f"only {len(node_ids)} of {expected} SuperNodes connected within {timeout_s:.0f}s; "
+                                 f"the run goes on without the others")
+                return node_ids
+            time.sleep(0.1)
+
+    def train_all(self, timeout_s: float, expected: int | None = None,
+                  wait_s: float | None = None) -> dict[str, ClientInfo]:
+        """Phase 1: every node trains its RM (or reports the one on its disk) and says hello.
+        With ``expected``, first wait up to ``wait_s`` (default ``timeout_s``) for that many nodes."""
+        if expected is not None:
+            node_ids = self.wait_for_nodes(expected, timeout_s if wait_s is None else wait_s)
+        else:
+            node_ids = sorted(self.grid.get_node_ids())
         content = RecordDict({"cfg": ConfigRecord({"run_id": self.run_id})})
         msgs = [Message(content=content, message_type="train", dst_node_id=n) for n in node_ids]
         for reply in send_and_receive(self.grid, msgs, timeout_s):

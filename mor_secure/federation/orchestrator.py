@@ -123,7 +123,9 @@ class Orchestrator:
     # -- phase 1 ----------------------------------------------------------------------------------
     def train_clients(self) -> None:
         t = self.phase("rm_training")
-        clients = self.channel.train_all(timeout_s=max(3600.0, self.cfg.federation.round_timeout_s))
+        clients = self.channel.train_all(timeout_s=max(3600.0, self.cfg.federation.round_timeout_s),
+                                          expected=len(self.cfg.clients),
+                                          wait_s=self.cfg.federation.round_timeout_s)
         if not clients:
             raise RuntimeError("no client finished phase 1; see events.jsonl for each client's reason")
         info = {n: {"model_class": c.hello.model_class, "dp_sgd": c.hello.dp_sgd, "clip_bound": c.hello.clip_bound,
@@ -139,7 +141,9 @@ class Orchestrator:
         if self.progress:
             print(f"[{time.strftime('%H:%M:%S')}] resume: phase 1 already done; clients answer from their disks",
                   flush=True)
-        clients = self.channel.train_all(timeout_s=max(3600.0, self.cfg.federation.round_timeout_s))
+        clients = self.channel.train_all(timeout_s=max(3600.0, self.cfg.federation.round_timeout_s),
+                                          expected=len(self.cfg.clients),
+                                          wait_s=self.cfg.federation.round_timeout_s)
         for name, info in self.record.get("clients", {}).items():
             now = clients.get(name)
             if now is None:
