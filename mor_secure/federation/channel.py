@@ -26,6 +26,7 @@ import tenseal as ts
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.superlink.grid import InMemoryGrid
 from PIL import Image
 
 from mor_secure.alignment.grpo import MixtureReward, completion_text
@@ -50,12 +51,13 @@ POLL_S = (0.02, 0.25)
 def send_and_receive(grid, messages: list[Message], timeout: float) -> list[Message]:
     """Push ``messages`` and pull their replies until all came back or ``timeout`` passed.
 
-    A Flower ``Grid`` is polled with ``POLL_S``. Other grids (``InProcessGrid``, which delivers
-    synchronously, and test doubles) are asked through their own ``send_and_receive``.
+    A Flower ``Grid`` on a SuperLink is polled with ``POLL_S``. Other grids are asked through
+    their own ``send_and_receive``: the simulation's ``InMemoryGrid`` already pulls every 0.1 s
+    from memory, ``InProcessGrid`` delivers synchronously, and test doubles record what they see.
     """
     if not messages:
         return []
-    if not isinstance(grid, Grid):
+    if not isinstance(grid, Grid) or isinstance(grid, InMemoryGrid):
         return list(grid.send_and_receive(messages, timeout=timeout))
     pending = set(grid.push_messages(messages))
     deadline = time.monotonic() + timeout
