@@ -386,9 +386,9 @@ def grpo_sides(spec: dict, grid=None, progress_path: Path | None = None) -> dict
         nodes = {300 + i: {"client-dir": d} for i, d in enumerate(spec["folders"]["grid"])}
         channels["grid"] = Channel(InProcessGrid(make_client_app(), nodes), "bench-perf-grid",
                                    root / "events-grid.jsonl", timeout_s=600)
+    n_clients = len(spec["folders"]["direct"])
     for side, ch in channels.items():
-        if len(ch.train_all(timeout_s=600, expected=len(spec["folders"]["direct"]), wait_s=300)) != len(
-                spec["folders"]["direct"]):
+        if len(ch.train_all(timeout_s=600, expected=n_clients, wait_s=300)) != n_clients:
             raise RuntimeError(f"side {side}: not every client answered the train message "
                                f"(see {ch.events_path})")
     direct = {n.name: n for n in (ClientNode(Path(d)) for d in spec["folders"]["direct"])}
@@ -879,7 +879,7 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
              + (f"{svc['ratio']:.2f}x over TLS with each client's scoring service, " if svc else "")
              + f"{s['tls']['ratio']:.2f}x with a ClientApp process that loads everything per message "
              f"({s['grid']['ratio']:.2f}x with Flower messages alone, in-process). The reward call grows by "
-             + (f"{svc['reward_s'] - b['service_run']['direct']['reward_s']:.2f} s per step with the service, " if svc else "")
+             + (f"{svc['reward_extra_s']:.2f} s per step with the service, " if svc else "")
              + f"{s['tls']['reward_extra_s']:.2f} s without, and {s['grid']['reward_extra_s']:.3f} s with in-process "
              f"Flower messages."]
     cold = b.get("clientapp_cold_start")
@@ -907,10 +907,10 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
               "`Grid.send_and_receive` waits 3 s between pulls).", "",
               f"Expected extra per reward round trip: {idle:.1f} + 0.05 + process + 0.25 + about 0.1 = "
               f"{fixed + relay['process_s']:.1f} s with the service (measured "
-              + (f"{svc['reward_s'] - b['service_run']['direct']['reward_s']:.1f} s" if svc else "n/a")
+              + (f"{svc['reward_extra_s']:.1f} s" if svc else "n/a")
               + f"), {fixed + full['process_s']:.1f} s without (measured {s['tls']['reward_extra_s']:.1f} s); the "
               f"clients' processes start at the same time on {cpus} shared CPUs.", ""]
-    extra = (svc["reward_s"] - b["service_run"]["direct"]["reward_s"]) if svc else s["tls"]["reward_extra_s"]
+    extra = svc["reward_extra_s"] if svc else s["tls"]["reward_extra_s"]
     lines.append(f"This extra time is fixed per step, whatever the step's size: the ratio reaches {TARGET_RATIO}x "
                  f"for GRPO steps that take over {extra / (TARGET_RATIO - 1):.0f} s in-process (how long a real-size "
                  f"VLM's step takes was not measured here). At the demo's step size "

@@ -215,8 +215,7 @@ class ScoringService:
         uid = peer_uid(conn)
         if uid != os.getuid():
             log.warning("refused a connection from uid %d (this service runs as uid %d)", uid, os.getuid())
-            _try_send(conn, {"ok": False, "code": P.ERR_BAD_REQUEST,
-                             "reason": f"peer uid {uid} is not this service's uid {os.getuid()}"})
+            _refuse(conn, P.ERR_BAD_REQUEST, f"peer uid {uid} is not this service's uid {os.getuid()}")
             return
         try:
             header, body = recv_frame(conn)
@@ -227,22 +226,25 @@ class ScoringService:
                 raise ValueError("frame header's node_config must be a JSON object")
             content = _from_bytes(body)
         except Exception as exc:  # noqa: BLE001 - anything unreadable is the sender's fault
-            _try_send(conn, {"ok": False, "code": P.ERR_BAD_REQUEST, "reason": f"malformed request frame: {exc}"})
+            _refuse(conn, P.ERR_BAD_REQUEST, f"malformed request frame: {exc}")
             return
-        named = (header.get("node_config") or {}).get("client-dir")
+        named = header.get("node_config", {}).get("client-dir")
         if named is not None and Path(str(named)).resolve() != self.folder:
-            _try_send(conn, {"ok": False, "code": P.ERR_NOT_READY,
-                             "reason": f"the SuperNode's client-dir {named} is not the folder this service serves "
-                                       f"({self.folder}); start one service per client folder"})
+            _refuse(conn, P.ERR_NOT_READY, f"the SuperNode's client-dir {named} is not the folder this service "
+                                           f"serves ({self.folder}); start one service per client folder")
             return
         self.handled += 1
         try:
             reply = client_app.handle(kind, content, self.node)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a typed error reply
-            code, reason = client_app.failure(exc)
-            _try_send(conn, {"ok": False, "code": code, "reason": reason})
+            _refuse(conn, *client_app.failure(exc))
             return
         _try_send(conn, {"ok": True}, _to_bytes(reply))
+
+
+def _refuse(conn: socket.socket, code: int, reason: str) -> None:
+    """Answer with an error frame (the relay turns it into Flower's error reply)."""
+    _try_send(conn, {"ok": False, "code": code, "reason": reason})
 
 
 def _try_send(conn: socket.socket, header: dict, body: bytes = b"") -> None:
