@@ -69,7 +69,7 @@ def test_quick_bench_perf_writes_its_section(tmp_path):
         perf.report(tmp_path / "missing.json", None)
 
 
-def _transport(direct_step: float, tls_ratio: float, svc_ratio: float) -> dict:
+def _transport(direct_step: float, tls_ratio: float, svc_ratio: float, adaptive_ratio: float | None = None) -> dict:
     """A synthetic (b) result in the shape ``bench_grpo_transport`` returns (no run behind it)."""
     direct = {"step_s": direct_step, "reward_s": 0.2, "server_cpu_s": direct_step}
 
@@ -80,8 +80,11 @@ def _transport(direct_step: float, tls_ratio: float, svc_ratio: float) -> dict:
 
     proc = {"process_s": 7.0, "process_cpu_s": 6.0, "runtime_import_s": 1.4, "app_import_s": 0.4, "node_s": 5.2}
     relay = {"process_s": 1.8, "process_cpu_s": 1.7, "runtime_import_s": 1.4, "app_import_s": 0.4, "node_s": 0.0}
-    return {"sides": {"direct": direct, "grid": side(1.2), "tls": side(tls_ratio), "tls_service": side(svc_ratio)},
-            "service_run": {"direct": direct}, "clientapp_cold_start": {"full": proc, "relay": relay}}
+    sides = {"direct": direct, "grid": side(1.2), "tls": side(tls_ratio), "tls_service": side(svc_ratio)}
+    extra = {"tls_service": {"direct": direct}}
+    if adaptive_ratio is not None:
+        sides["tls_adaptive"], extra["tls_adaptive"] = side(adaptive_ratio), {"direct": direct}
+    return {"sides": sides, "extra_runs": extra, "clientapp_cold_start": {"full": proc, "relay": relay}}
 
 
 def test_transport_verdict_reads_the_best_deployment_side_and_explains_the_waits():
@@ -91,7 +94,22 @@ def test_transport_verdict_reads_the_best_deployment_side_and_explains_the_waits
     assert missed.startswith("Target (b) **missed**: 10.00x over TLS with each client's scoring service, 30.00x")
     # the server computes 0.5 - 0.2 = 0.3 s between reward calls: the idle SuperNode's 3 s sleep has 2.7 s left
     assert "waits about 2.7 s" in missed
-    assert "= 4.9 s with the service (measured 4.5 s), 10.1 s without" in missed  # 2.7+0.05+0.25+0.1 + process
-    assert "steps that take over 9 s in-process" in missed  # extra 4.5 s / (1.5 - 1)
+    # 2.7+0.05+0.25+0.1 + process; the adaptive side was not run
+    assert "= 10.1 s without the service (measured 14.5 s), 4.9 s with it (measured 4.5 s)" in missed
+    assert "adaptive poll (measured n/a)" in missed
+    assert "steps that take over 9.0 s in-process" in missed  # extra 4.5 s / (1.5 - 1)
+    both = "\n".join(_transport_analysis(_transport(0.5, 30.0, 10.0, 4.0), 2))
+    assert both.startswith("Target (b) **missed**: 4.00x with the service and the SuperNodes' adaptive poll, "
+                           "10.00x over TLS")
+    assert "adaptive poll (measured 1.5 s)" in both and "steps that take over 3.0 s in-process" in both
+    assert "with both: 0.50 s of server CPU" in both
     met = "\n".join(_transport_analysis(_transport(12.0, 2.0, 1.3), 2))
     assert met.startswith("Target (b) **met**: 1.30x over TLS with each client's scoring service")
+
+
+def test_adaptive_wait_is_at_most_a_quarter_of_the_servers_compute():
+    from mor_secure.bench.perf import _adaptive_wait
+    from mor_secure.deploy.supernode import FLOOR_S
+
+    for compute in (0.0, 0.01, 0.3, 1.0, 5.0, 30.0):
+        assert 0 <= _adaptive_wait(compute) <= max(FLOOR_S, compute / 4) + 1e-9

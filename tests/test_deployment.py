@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "deploy_smoke.yaml"
 CLIENTS = ["alpha", "beta", "gamma"]
 SERVICE_CLIENT = "gamma"  # answers through its scoring service; alpha and beta in the per-message ClientApp
+ADAPTIVE_CLIENTS = ("alpha", "gamma")  # run by `mor-secure client supernode`; beta by Flower's flower-supernode
 RUN_TIMEOUT_S = 240
 
 
@@ -71,13 +72,15 @@ def refused(link, name: str, argv: list[str]) -> tuple[int, str]:
     return rc, link["group"].log(name)
 
 
-def node_argv(link, kit: str) -> list[str]:
+def node_argv(link, kit: str, adaptive_poll: bool = False) -> list[str]:
     folder = link["root"] / "unused" / kit
-    return supernode_argv(link["kits"].client_dirs[kit], folder, link["address"], free_port())
+    return supernode_argv(link["kits"].client_dirs[kit], folder, link["address"], free_port(),
+                          adaptive_poll=adaptive_poll)
 
 
-def test_supernode_without_the_ca_is_refused(link):
-    argv = node_argv(link, "alpha")
+@pytest.mark.parametrize("adaptive_poll", [False, True], ids=["flower-supernode", "client-supernode"])
+def test_supernode_without_the_ca_is_refused(link, adaptive_poll):
+    argv = node_argv(link, "alpha", adaptive_poll)
     i = argv.index("--root-certificates")
     rc, log = refused(link, "no_ca", argv[:i] + argv[i + 2:])  # system trust store only
     assert rc != 0 and "CERTIFICATE_VERIFY_FAILED" in log
@@ -92,8 +95,9 @@ def test_plaintext_supernode_is_refused(link):
     hardening_record("tests/test_deployment.py::test_plaintext_supernode_is_refused", inputs=1, bad_inputs=1)
 
 
-def test_unregistered_supernode_is_refused(link):
-    rc, log = refused(link, "unregistered", node_argv(link, "delta"))
+@pytest.mark.parametrize("adaptive_poll", [False, True], ids=["flower-supernode", "client-supernode"])
+def test_unregistered_supernode_is_refused(link, adaptive_poll):
+    rc, log = refused(link, "unregistered", node_argv(link, "delta", adaptive_poll))
     assert rc != 0 and "Failed to activate SuperNode" in log
     hardening_record("tests/test_deployment.py::test_unregistered_supernode_is_refused", inputs=1, bad_inputs=1)
 
@@ -125,7 +129,8 @@ def job(link):
             sock = folder / "scorer.sock"
             wait_for_socket(sock, proc, timeout_s=120)
         start_node(link, f"supernode_{name}", supernode_argv(kits.client_dirs[name], folder, link["address"],
-                                                              free_port(), sock), timeout_s=RUN_TIMEOUT_S + 60)
+                                                              free_port(), sock, adaptive_poll=name in ADAPTIVE_CLIENTS),
+                   timeout_s=RUN_TIMEOUT_S + 60)
     run_dir = root / "server_run"
     run_config = f"run-dir='{run_dir}' config='{CONFIG}' server-kit='{kits.server_dir}'"
     submit = subprocess.run(["flwr", "run", str(REPO), "local", "--run-config", run_config],
@@ -156,6 +161,17 @@ def test_mor_job_completes_over_tls_with_ckks(job):
     events = (run_dir / "events.jsonl").read_text().splitlines() if (run_dir / "events.jsonl").exists() else []
     assert not [e for e in events if json.loads(e)["kind"] in ("rejected", "decrypt_failed", "no_scores")], events
     hardening_record("tests/test_deployment.py::test_mor_job_completes_over_tls_with_ckks", runs=1, runs_finished=1)
+
+
+def test_adaptive_supernodes_ran_flower_with_the_poll_replaced(job, link):
+    """alpha and gamma ran through `mor-secure client supernode` (the substitution took: the
+    launcher says so only when it did), beta through Flower's own command; all three finished the
+    job above with TLS and node authentication."""
+    for name in CLIENTS:
+        log = link["group"].log(f"supernode_{name}")
+        assert "SuperNode ID" in log, log[-2000:]
+        assert ("with adaptive polling" in log) == (name in ADAPTIVE_CLIENTS), log[-2000:]
+        assert "running flower-supernode unchanged" not in log
 
 
 def test_server_process_held_no_private_ckks_context(job):

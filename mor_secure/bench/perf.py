@@ -62,12 +62,16 @@ FAMILIES = ("llava", "idefics3", "paligemma")
 _OWNED = {"llava": "colour", "idefics3": "count", "paligemma": "position"}
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 TARGET_RATIO = 1.5
-SIDES = ("direct", "grid", "tls", "tls_service")
+SIDES = ("direct", "grid", "tls", "tls_service", "tls_adaptive")
 SIDE_TITLES = {"direct": "in-process (client RMs called directly)",
                "grid": "Flower messages, in-process grid (no network)",
                "tls": "Flower deployment runtime, TLS on loopback, per-message ClientApp scores itself",
                "tls_service": "Flower deployment runtime, TLS on loopback, ClientApp relays to the client's "
-                              "scoring service (`client serve`)"}
+                              "scoring service (`client serve`)",
+               "tls_adaptive": "the same, SuperNodes run by `mor-secure client supernode` (adaptive poll)"}
+# the deployments after the first (sides direct and tls): how each runs its clients
+EXTRA_DEPLOYMENTS = {"tls_service": {"service": True, "adaptive_poll": False},
+                     "tls_adaptive": {"service": True, "adaptive_poll": True}}
 
 
 def _median(xs: Sequence[float]) -> float:
@@ -508,12 +512,13 @@ spec = ""
 
 
 def _deployment_run(root: Path, names: list[str], kits, folders: list[Path], spec: dict, *,
-                    timeout_s: float, progress: bool, service: bool = False) -> dict:
+                    timeout_s: float, progress: bool, service: bool = False, adaptive_poll: bool = False) -> dict:
     """Start a TLS SuperLink (SuperNode auth) and one SuperNode per client on loopback, submit the
     bench ServerApp with ``flwr run``, wait for its result (bounded), stop every process.
 
     ``service``: each client also runs ``mor-secure client serve`` (one torch thread, as the
-    per-message ClientApp uses) and its SuperNode relays to it (``scorer-socket``)."""
+    per-message ClientApp uses) and its SuperNode relays to it (``scorer-socket``). ``adaptive_poll``:
+    the SuperNodes run through ``mor-secure client supernode`` (``deploy/supernode.py``)."""
     from mor_secure.deploy.local import (
         LOOPBACK, ProcessGroup, flower_env, free_port, scoring_service_argv, superlink_argv, supernode_argv,
         wait_for_port, wait_for_socket, write_connection,
@@ -550,15 +555,16 @@ def _deployment_run(root: Path, names: list[str], kits, folders: list[Path], spe
                     wait_for_socket(sock, proc, timeout_s=120)
                 except (RuntimeError, TimeoutError) as exc:
                     raise RuntimeError(f"{exc}; service log:\n{group.log(f'service_{name}')[-2000:]}") from None
-            group.start(f"supernode_{name}", ["timeout", limit, *supernode_argv(kits.client_dirs[name], folder,
-                                                                                address, free_port(), sock)],
+            group.start(f"supernode_{name}", ["timeout", limit, *supernode_argv(
+                kits.client_dirs[name], folder, address, free_port(), sock, adaptive_poll=adaptive_poll)],
                         env, cwd=root)
         submit = subprocess.run(["flwr", "run", str(app_dir), "bench", "--run-config", f"spec='{spec_path}'"],
                                 env=env, capture_output=True, text=True, timeout=120, cwd=root)
         if submit.returncode != 0:
             raise RuntimeError(f"flwr run failed:\n{submit.stdout}{submit.stderr}")
         deadline = time.monotonic() + timeout_s
-        desc = "(b) GRPO steps, " + ("scoring services" if service else "all sides")
+        desc = "(b) GRPO steps, " + ("scoring services" if service else "all sides") + (
+            ", adaptive poll" if adaptive_poll else "")
         with tqdm(total=expected, desc=desc, disable=not progress) as bar:
             while time.monotonic() < deadline and not result_path.exists():
                 try:
@@ -660,15 +666,18 @@ def bench_grpo_transport(clients: int = 3, *, steps: int = 3, repeats: int = 2, 
         if transport == "tls":
             result = _deployment_run(root / "deploy", names, kits, folders, spec, timeout_s=timeout_s,
                                      progress=progress)
-            # the same clients and folders again, each with its scoring service (sides: direct, tls)
-            (root / "server-service").mkdir()
-            spec_svc = {**spec, "root": str(root / "server-service"), "sides": ["direct", "tls"],
-                        "result": str(root / "result-service.json"), "progress": str(root / "progress-service.json")}
-            svc = _deployment_run(root / "deploy-service", names, kits, folders, spec_svc, timeout_s=timeout_s,
-                                  progress=progress, service=True)
-            result["sides"]["tls_service"] = svc["sides"]["tls"]
-            result["service_run"] = {"direct": svc["sides"]["direct"], "order_by_repeat": svc["order_by_repeat"],
-                                     "settle_s": svc["settle_s"]}
+            # the same clients and folders again, each with its scoring service (sides: direct, tls),
+            # then again with the SuperNodes' adaptive poll; each ratio is to its own run's direct side
+            result["extra_runs"] = {}
+            for side, how in EXTRA_DEPLOYMENTS.items():
+                (root / f"server-{side}").mkdir()
+                spec_x = {**spec, "root": str(root / f"server-{side}"), "sides": ["direct", "tls"],
+                          "result": str(root / f"result-{side}.json"), "progress": str(root / f"progress-{side}.json")}
+                run = _deployment_run(root / f"deploy-{side}", names, kits, folders, spec_x, timeout_s=timeout_s,
+                                      progress=progress, **how)
+                result["sides"][side] = run["sides"]["tls"]
+                result["extra_runs"][side] = {"direct": run["sides"]["direct"], "order_by_repeat": run["order_by_repeat"],
+                                              "settle_s": run["settle_s"], **how}
             result["clientapp_cold_start"] = clientapp_cold_start(Path(copies["direct"][0]))
         else:
             with tqdm(total=repeats * len(sides) * steps, desc="(b) GRPO steps, all sides",
@@ -869,31 +878,49 @@ def _bytes(n: float) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
 
 
+def _adaptive_wait(compute_s: float) -> float:
+    """How long a request sent ``compute_s`` after a reply waits for the adaptive SuperNode's next
+    pull (its schedule from ``deploy.supernode.idle_wait``, pull time itself left out)."""
+    from mor_secure.deploy.supernode import idle_wait
+
+    t = 0.0
+    while t < compute_s:
+        t += idle_wait(t)
+    return t - compute_s
+
+
+_DEPLOYED = {"tls": ("with a ClientApp process that loads everything per message", "without the service"),
+             "tls_service": ("over TLS with each client's scoring service", "with the service"),
+             "tls_adaptive": ("with the service and the SuperNodes' adaptive poll", "with both")}
+
+
 def _transport_analysis(b: dict, cpus) -> list[str]:
     """Target (b)'s verdict and where the deployment runtime's time goes, from the measured numbers."""
     s, direct = b["sides"], b["sides"]["direct"]
-    svc = s.get("tls_service")
-    best_side = "tls_service" if svc and svc["ratio"] < s["tls"]["ratio"] else "tls"
+    deployed = [side for side in ("tls_adaptive", "tls_service", "tls") if side in s]
+    best_side = min(deployed, key=lambda side: s[side]["ratio"])
     best = s[best_side]["ratio"]
     lines = [f"Target (b) **{'met' if best <= TARGET_RATIO else 'missed'}**: "
-             + (f"{svc['ratio']:.2f}x over TLS with each client's scoring service, " if svc else "")
-             + f"{s['tls']['ratio']:.2f}x with a ClientApp process that loads everything per message "
-             f"({s['grid']['ratio']:.2f}x with Flower messages alone, in-process). The reward call grows by "
-             + (f"{svc['reward_extra_s']:.2f} s per step with the service, " if svc else "")
-             + f"{s['tls']['reward_extra_s']:.2f} s without, and {s['grid']['reward_extra_s']:.3f} s with in-process "
-             f"Flower messages."]
+             + ", ".join(f"{s[side]['ratio']:.2f}x {_DEPLOYED[side][0]}" for side in deployed)
+             + f" ({s['grid']['ratio']:.2f}x with Flower messages alone, in-process). The reward call grows by "
+             + ", ".join(f"{s[side]['reward_extra_s']:.2f} s per step {_DEPLOYED[side][1]}" for side in deployed)
+             + f", and {s['grid']['reward_extra_s']:.3f} s with in-process Flower messages."]
     cold = b.get("clientapp_cold_start")
     if not cold or "relay" not in cold:
         return lines
     full, relay = cold["full"], cold["relay"]
     compute = max(direct["step_s"] - direct["reward_s"], 0.0)  # the server's GRPO work between reward calls
     idle = 3.0 - compute if compute < 3.0 else 1.5  # past one sleep, a request lands at a random point of one
+    idle_a = _adaptive_wait(compute)
     fixed = idle + 0.05 + 0.25 + 0.1
+    fixed_a = idle_a + 0.05 + 0.01 + 0.1
     lines += ["", "Where the time goes, on Flower 1.42, for each message to a SuperNode:", "",
-              f"- the SuperNode pulls from the SuperLink every 3 s when it is idle (fixed in Flower's source). "
+              f"- Flower's SuperNode pulls from the SuperLink every 3 s when it is idle (fixed in its source). "
               f"After a reply it pulls again at once, finds nothing (the server is still computing its next step, "
               f"{compute:.2f} s here) and sleeps 3 s: the next request waits about {idle:.1f} s (1.5 s on average "
-              f"once the server computes for longer than 3 s);",
+              f"once the server computes for longer than 3 s). `mor-secure client supernode` runs the same "
+              f"SuperNode with that one sleep replaced: a quarter of the time since its last message, 0.02 s to 3 s "
+              f"(`mor_secure/deploy/supernode.py`); the next request then waits about {idle_a:.2f} s;",
               "- its SuperExec looks for tasks every 0.1 s (`FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1`, set by "
               "`mor_secure.deploy.local.flower_env` and the README recipe; Flower's default is 1 s) and starts a "
               "new `flwr-clientapp` process for the message;",
@@ -902,25 +929,30 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
               f"{full['app_import_s']:.1f} s, the client node with torch, transformers and TenSEAL and its RM "
               f"{full['node_s']:.1f} s), {relay['process_s']:.1f} s as a relay to the scoring service (runtime "
               f"{relay['runtime_import_s']:.1f} s, ClientApp module {relay['app_import_s']:.1f} s);",
-              "- the SuperNode looks for the reply every 0.5 s, and the ServerApp pulls replies from the SuperLink "
-              "every 0.02 s at first, backing off to 0.25 s (`mor_secure.federation.channel.POLL_S`; Flower's "
-              "`Grid.send_and_receive` waits 3 s between pulls).", "",
+              "- Flower's SuperNode looks for the reply every 0.5 s (the adaptive one every 0.02 s), and the ServerApp "
+              "pulls replies from the SuperLink every 0.02 s at first, backing off to 0.25 s "
+              "(`mor_secure.federation.channel.POLL_S`; Flower's `Grid.send_and_receive` waits 3 s between pulls).", "",
               f"Expected extra per reward round trip: {idle:.1f} + 0.05 + process + 0.25 + about 0.1 = "
-              f"{fixed + relay['process_s']:.1f} s with the service (measured "
-              + (f"{svc['reward_extra_s']:.1f} s" if svc else "n/a")
-              + f"), {fixed + full['process_s']:.1f} s without (measured {s['tls']['reward_extra_s']:.1f} s); the "
-              f"clients' processes start at the same time on {cpus} shared CPUs.", ""]
-    extra = svc["reward_extra_s"] if svc else s["tls"]["reward_extra_s"]
+              f"{fixed + full['process_s']:.1f} s without the service (measured "
+              + (f"{s['tls']['reward_extra_s']:.1f} s" if "tls" in s else "n/a")
+              + f"), {fixed + relay['process_s']:.1f} s with it (measured "
+              + (f"{s['tls_service']['reward_extra_s']:.1f} s" if "tls_service" in s else "n/a")
+              + f"), {idle_a:.2f} + 0.05 + process + 0.01 + about 0.1 = {fixed_a + relay['process_s']:.1f} s with "
+              f"the service and the adaptive poll (measured "
+              + (f"{s['tls_adaptive']['reward_extra_s']:.1f} s" if "tls_adaptive" in s else "n/a")
+              + f"); the clients' processes start at the same time on {cpus} shared CPUs.", ""]
+    extra = s[best_side]["reward_extra_s"]
     lines.append(f"This extra time is fixed per step, whatever the step's size: the ratio reaches {TARGET_RATIO}x "
-                 f"for GRPO steps that take over {extra / (TARGET_RATIO - 1):.0f} s in-process (how long a real-size "
-                 f"VLM's step takes was not measured here). At the demo's step size "
-                 f"({direct['step_s']:.2f} s here), what remains after the scoring service is Flower 1.42's own: "
-                 f"the SuperNode's 3 s idle sleep and a new process per message. Neither can be set from outside "
-                 f"Flower's source.")
-    est = direct["server_cpu_s"] + fixed + relay["process_cpu_s"]
-    lines += ["", f"On a dedicated machine (an estimate from CPU times, not a measurement), with the service: "
-              f"{direct['server_cpu_s']:.2f} s of server CPU, {fixed:.1f} s of waits and {relay['process_cpu_s']:.1f} s "
-              f"of CPU for the relay process. That is about {est:.1f} s per step, or **{est / direct['server_cpu_s']:.1f}x**."]
+                 f"for GRPO steps that take over {extra / (TARGET_RATIO - 1):.1f} s in-process (how long a "
+                 f"real-size VLM's step takes was not measured here). At the demo's step size "
+                 f"({direct['step_s']:.2f} s here), what remains is Flower 1.42's new `flwr-clientapp` process per "
+                 f"message, which no setting of Flower's avoids, and the polls.")
+    est_fixed = fixed_a if best_side == "tls_adaptive" else fixed
+    est = direct["server_cpu_s"] + est_fixed + relay["process_cpu_s"]
+    lines += ["", f"On a dedicated machine (an estimate from CPU times, not a measurement), "
+              f"{_DEPLOYED[best_side][1]}: {direct['server_cpu_s']:.2f} s of server CPU, {est_fixed:.2f} s of waits and "
+              f"{relay['process_cpu_s']:.1f} s of CPU for the relay process. That is about {est:.1f} s per step, "
+              f"or **{est / direct['server_cpu_s']:.1f}x**."]
     return lines
 
 
@@ -1005,22 +1037,24 @@ def render(result: dict, command: str, date: str, machine_line: str | None = Non
               f"within each of {b['repeats']} repeats (fresh policy, same data). In-process: `ClientNode.score` of each client called directly "
               f"(same RMs, same clipping, noise and ledger write). In-process grid: the real ClientApp behind "
               f"Flower messages deflated to wire objects and back, no network. Deployment: "
-              f"{'a TLS SuperLink with SuperNode authentication and one SuperNode per client on 127.0.0.1, the bench ServerApp submitted with `flwr run`; before each run the previous ClientApp processes are waited for; then the same again with each client running `mor-secure client serve` and its SuperNode relaying to it' if 'tls' in s else 'not run (--transport grid)'}."
+              f"{'a TLS SuperLink with SuperNode authentication and one SuperNode per client on 127.0.0.1, the bench ServerApp submitted with `flwr run`; before each run the previous ClientApp processes are waited for; then the same again with each client running `mor-secure client serve` and its SuperNode relaying to it, and a third time with those SuperNodes run by `mor-secure client supernode`' if 'tls' in s else 'not run (--transport grid)'}."
               f" Target: Flower over TLS at most {TARGET_RATIO}x.", "",
               "| rewards | GRPO step (s) | reward call (s) | ratio to in-process (per repeat) | server CPU per step (s) |",
               "|---|---|---|---|---|",
               f"| {SIDE_TITLES['direct']} | {direct['step_s']:.3f} | {direct['reward_s']:.3f} | 1 | "
               f"{direct['server_cpu_s']:.3f} |"]
-    for side in ("grid", "tls", "tls_service"):
+    for side in ("grid", "tls", *EXTRA_DEPLOYMENTS):
         if side in s:
-            own = f" (its own in-process side: {b['service_run']['direct']['step_s']:.3f} s)" if side == "tls_service" else ""
+            extra_run = b.get("extra_runs", {}).get(side)
+            own = f" (its own in-process side: {extra_run['direct']['step_s']:.3f} s)" if extra_run else ""
             lines.append(f"| {SIDE_TITLES[side]} | {s[side]['step_s']:.3f} | {s[side]['reward_s']:.3f} | "
                          f"**{s[side]['ratio']:.2f}x** ({_ratios(s[side]['ratio_by_repeat'])}){own} | "
                          f"{s[side]['server_cpu_s']:.3f}{' (clients in their own processes)' if side != 'grid' else ''} |")
     lines += ["", "Wall-clock times: polling and process starts are waits, which CPU time does not show. Server CPU is "
               "the CPU time of the thread running GRPO (in-process and in-process grid: the clients' scoring too). "
-              "The scoring-service row comes from a second deployment (same clients, folders and settings) whose "
-              "sides are in-process and TLS with the services; its ratio is to that run's own in-process side."]
+              "The scoring-service rows come from a second and a third deployment (same clients, folders and "
+              "settings) whose sides are in-process and TLS with the services; each ratio is to that run's own "
+              "in-process side."]
     lines.append("")
     if "tls" in s:
         lines += _transport_analysis(b, cpus)

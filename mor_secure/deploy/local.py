@@ -67,15 +67,19 @@ def superlink_argv(server_kit: Path, host: str, port: int) -> list[str]:
 
 
 def supernode_argv(client_kit: Path, client_dir: Path, superlink: str, runtime_port: int,
-                   scorer_socket: Path | None = None) -> list[str]:
+                   scorer_socket: Path | None = None, adaptive_poll: bool = False) -> list[str]:
     """``flower-supernode`` with the kit's CA and node key; client and kit folders as node config,
-    and the client's scoring service (``mor-secure client serve``) when ``scorer_socket`` is given."""
+    and the client's scoring service (``mor-secure client serve``) when ``scorer_socket`` is given.
+    ``adaptive_poll`` runs it through ``mor-secure client supernode`` (``deploy/supernode.py``)."""
     kit = load_client_kit(client_kit)
     node_config = f'client-dir="{Path(client_dir).resolve()}" kit-dir="{Path(client_kit).resolve()}"'
     if scorer_socket is not None:
         node_config += f' scorer-socket="{Path(scorer_socket).resolve()}"'
-    return ["flower-supernode", "--superlink", superlink, *kit.supernode_args(), "--node-config", node_config,
+    args = ["--superlink", superlink, *kit.supernode_args(), "--node-config", node_config,
             "--host", LOOPBACK, "--port", str(runtime_port)]
+    if adaptive_poll:
+        return [_mor_secure_bin(), "client", "supernode", "--", *args]
+    return ["flower-supernode", *args]
 
 
 def write_connection(flwr_home: Path, name: str, address: str, ca_pem: Path) -> Path:
@@ -91,10 +95,14 @@ def write_connection(flwr_home: Path, name: str, address: str, ca_pem: Path) -> 
 
 def scoring_service_argv(client_dir: Path, client_kit: Path | None = None, threads: int | None = None) -> list[str]:
     """``mor-secure client serve`` for ``client_dir`` (its socket: ``client_dir/scorer.sock``)."""
-    argv = [str(Path(sys.executable).parent / "mor-secure"), "client", "serve", "--dir", str(Path(client_dir).resolve())]
+    argv = [_mor_secure_bin(), "client", "serve", "--dir", str(Path(client_dir).resolve())]
     if client_kit is not None:
         argv += ["--kit", str(Path(client_kit).resolve())]
     return argv + (["--threads", str(threads)] if threads is not None else [])
+
+
+def _mor_secure_bin() -> str:
+    return str(Path(sys.executable).parent / "mor-secure")
 
 
 def wait_for_socket(path: Path, proc: subprocess.Popen, timeout_s: float) -> None:

@@ -1,0 +1,123 @@
+"""``mor-secure client supernode``: Flower's own SuperNode, polling adaptively.
+
+Flower 1.42's SuperNode loop (``flwr.supernode.start_client_internal``) pulls the SuperLink for a
+message and, when there is none, sleeps a fixed 3 s; while its ClientApp works it looks for the
+reply every 0.5 s. Neither interval can be set from outside its source. In a GRPO run the server
+sends each client one reward request per step: after every reply the SuperNode pulls at once, finds
+nothing (the server is still computing its next step) and sleeps 3 s, so every step waited about
+2.7 s for that sleep alone (BENCHMARKS.md, perf (b)).
+
+This launcher runs the unmodified ``flower-supernode`` command in-process with two substitutions in
+that one module's namespace, nothing else:
+
+* the idle sleep after an empty pull becomes ``idle_wait(seconds since the last message)``: a
+  quarter of the time since the node's last message, at least ``floor_s`` (0.02 s) and at most
+  Flower's own 3 s. Right after a message the node pulls every 0.02 s, so a request that follows a
+  reply within t seconds waits at most about t/4 more; a node idle for 12 s or longer is back to
+  Flower's 3 s, so the SuperLink's load from idle nodes does not change;
+* the waits on the node's own local state (its ClientApp's reply, an object being stored) poll every
+  ``local_poll_s`` (0.02 s) instead of 0.5 s; they read the SuperNode's in-memory state, no network.
+
+Everything else (TLS, node authentication, the Runtime API, the SuperExec and its ClientApp
+processes) is Flower's code as installed. The substitutions are made only where the installed
+module still has the names they replace; otherwise the launcher says so and runs Flower unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time as _time
+from collections.abc import Callable, Sequence
+
+log = logging.getLogger(__name__)
+
+FLOWER_IDLE_S = 3.0  # the sleep this replaces, after an empty pull (Flower 1.42)
+FLOOR_S = 0.02
+LOCAL_POLL_S = 0.02
+IDLE_FRACTION = 0.25
+
+
+def idle_wait(idle_s: float, *, floor_s: float = FLOOR_S, ceiling_s: float = FLOWER_IDLE_S,
+              fraction: float = IDLE_FRACTION) -> float:
+    """Seconds to sleep after an empty pull when the last message came ``idle_s`` seconds ago."""
+    return min(ceiling_s, max(floor_s, fraction * max(0.0, idle_s)))
+
+
+class AdaptiveClock:
+    """Stands in for the ``time`` module inside Flower's SuperNode loop module only.
+
+    ``sleep(s)`` with Flower's idle interval (``s >= FLOWER_IDLE_S``) sleeps ``idle_wait`` of the
+    time since ``mark_message()`` was last called; shorter sleeps (Flower's 0.5 s waits on local
+    state) sleep at most ``local_poll_s``. Every other attribute is the real ``time`` module's.
+    """
+
+    def __init__(self, *, floor_s: float = FLOOR_S, ceiling_s: float = FLOWER_IDLE_S,
+                 local_poll_s: float = LOCAL_POLL_S, clock: Callable[[], float] = _time.monotonic,
+                 sleeper: Callable[[float], None] = _time.sleep) -> None:
+        if not 0 < floor_s <= ceiling_s:
+            raise ValueError(f"floor_s must be in (0, ceiling_s={ceiling_s}], got {floor_s}")
+        if local_poll_s <= 0:
+            raise ValueError(f"local_poll_s must be positive, got {local_poll_s}")
+        self.floor_s, self.ceiling_s, self.local_poll_s = floor_s, ceiling_s, local_poll_s
+        self._clock, self._sleep = clock, sleeper
+        self._lock = threading.Lock()
+        self._last = clock()
+        self.idle_sleeps = 0  # how often the idle branch ran (for the tests and the bench)
+
+    def mark_message(self) -> None:
+        with self._lock:
+            self._last = self._clock()
+
+    def sleep(self, seconds: float) -> None:
+        if seconds >= FLOWER_IDLE_S:
+            with self._lock:
+                idle = self._clock() - self._last
+                self.idle_sleeps += 1
+            self._sleep(idle_wait(idle, floor_s=self.floor_s, ceiling_s=self.ceiling_s))
+        else:
+            self._sleep(min(seconds, self.local_poll_s))
+
+    def __getattr__(self, name: str):
+        return getattr(_time, name)
+
+
+def install(module, clock: AdaptiveClock) -> bool:
+    """Put ``clock`` in place of ``module.time`` and wrap ``module._pull_and_store_message`` so a
+    pulled message marks the clock. Returns False (and changes nothing) if either name is missing or
+    is not what Flower 1.42 has there."""
+    pull = getattr(module, "_pull_and_store_message", None)
+    if getattr(module, "time", None) is not _time or not callable(pull):
+        return False
+
+    def pull_and_mark(*args, **kwargs):
+        run_id = pull(*args, **kwargs)
+        if run_id is not None:
+            clock.mark_message()
+        return run_id
+
+    module._pull_and_store_message = pull_and_mark
+    module.time = clock
+    return True
+
+
+def main(argv: Sequence[str], *, floor_s: float = FLOOR_S, local_poll_s: float = LOCAL_POLL_S) -> int:
+    """Run ``flower-supernode ARGV`` in this process with the adaptive poll."""
+    import flwr
+    from flwr.supernode import start_client_internal as loop_module
+    from flwr.supernode.cli import flower_supernode
+
+    clock = AdaptiveClock(floor_s=floor_s, local_poll_s=local_poll_s)
+    if install(loop_module, clock):
+        print(f"mor-secure: flower-supernode (flwr {flwr.__version__}) with adaptive polling: after an empty "
+              f"pull it sleeps a quarter of the time since its last message, {floor_s:g} s to "
+              f"{FLOWER_IDLE_S:g} s; local waits every {local_poll_s:g} s", file=sys.stderr, flush=True)
+    else:
+        print(f"mor-secure: warning: flwr {flwr.__version__}'s SuperNode loop is not the one this launcher "
+              "knows (flwr.supernode.start_client_internal has no `time` module or no "
+              "`_pull_and_store_message`); running flower-supernode unchanged, with its own polling",
+              file=sys.stderr, flush=True)
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()
+    return 0
