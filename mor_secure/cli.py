@@ -147,7 +147,9 @@ def cmd_client_serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     return run_service(Path(args.dir), Path(args.kit) if args.kit else None,
-                       Path(args.socket) if args.socket else None)
+                       Path(args.socket) if args.socket else None, runtime_api=args.runtime_api,
+                       auth_secret_file=Path(args.superexec_auth_secret_file) if args.superexec_auth_secret_file
+                       else None)
 
 
 def cmd_client_supernode(args: argparse.Namespace) -> int:
@@ -332,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kit", help="this client's kit (needed for CKKS)")
     serve.add_argument("--socket", help="Unix socket to create (default: DIR/scorer.sock)")
     serve.add_argument("--threads", type=int, help="torch threads for training and scoring (default: torch's)")
+    serve.add_argument("--runtime-api", metavar="HOST:PORT",
+                       help="be the ClientApp executor of the SuperNode whose Runtime API is here (start that "
+                            "SuperNode with --isolation process): no socket, no process per message")
+    serve.add_argument("--superexec-auth-secret-file", metavar="FILE",
+                       help="with --runtime-api: the file given to the SuperNode's --superexec-auth-secret-file")
     serve.set_defaults(func=cmd_client_serve)
     snode = client.add_parser(
         "supernode", help="run Flower's flower-supernode with adaptive polling (deployment; see README)",

@@ -89,7 +89,8 @@ ROWS = [
          "tests/test_deployment.py::test_unregistered_supernode_is_refused",
          "tests/test_deployment.py::test_plaintext_control_connection_is_refused",
          "tests/test_deployment.py::test_mor_job_completes_over_tls_with_ckks"),
-        inputs="rogue connections (no CA, plaintext SuperNode, unregistered key, plaintext control)",
+        inputs="rogue connections (no CA and unregistered key, each through `flower-supernode` and "
+               "`mor-secure client supernode`; plaintext SuperNode; plaintext control)",
         runs="MoR jobs over TLS with CKKS"),
 ]
 

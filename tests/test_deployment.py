@@ -21,7 +21,7 @@ from helpers.hardening import record as hardening_record
 
 from mor_secure.config import load_config
 from mor_secure.crypto.provision import provision
-from mor_secure.deploy.client_init import init_client_folder
+from mor_secure.deploy.client_init import EXECUTOR_SECRET, init_client_folder
 from mor_secure.deploy.local import (
     LOOPBACK, ProcessGroup, flower_env, free_port, scoring_service_argv, superlink_argv, supernode_argv,
     wait_for_port, wait_for_socket, write_connection,
@@ -33,8 +33,12 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "deploy_smoke.yaml"
 CLIENTS = ["alpha", "beta", "gamma"]
-SERVICE_CLIENT = "gamma"  # answers through its scoring service; alpha and beta in the per-message ClientApp
-ADAPTIVE_CLIENTS = ("alpha", "gamma")  # run by `mor-secure client supernode`; beta by Flower's flower-supernode
+# alpha: `mor-secure client supernode` (adaptive poll), Flower's per-message ClientApp scores itself;
+# beta: Flower's flower-supernode, its per-message ClientApp relays to beta's scoring service (socket);
+# gamma: `mor-secure client supernode --isolation process`, its scoring service is the ClientApp executor
+SOCKET_CLIENT, EXECUTOR_CLIENT = "beta", "gamma"
+SERVICE_CLIENTS = (SOCKET_CLIENT, EXECUTOR_CLIENT)
+ADAPTIVE_CLIENTS = ("alpha", "gamma")
 RUN_TIMEOUT_S = 240
 
 
@@ -122,15 +126,23 @@ def job(link):
     cfg = load_config(CONFIG)
     for name in CLIENTS:
         folder = init_client_folder(cfg, name, root / "clients" / name, kits.client_dirs[name])
-        sock = None
-        if name == SERVICE_CLIENT:  # this client keeps its RM loaded in `mor-secure client serve`
+        sock, runtime_port = None, free_port()
+        if name == SOCKET_CLIENT:  # this client keeps its RM loaded in `mor-secure client serve`
             proc = start_node(link, f"service_{name}", scoring_service_argv(folder, kits.client_dirs[name]),
                               timeout_s=RUN_TIMEOUT_S + 60)
             sock = folder / "scorer.sock"
             wait_for_socket(sock, proc, timeout_s=120)
+        secret = folder / EXECUTOR_SECRET if name == EXECUTOR_CLIENT else None
+        link.setdefault("runtime_ports", {})[name] = runtime_port
         start_node(link, f"supernode_{name}", supernode_argv(kits.client_dirs[name], folder, link["address"],
-                                                              free_port(), sock, adaptive_poll=name in ADAPTIVE_CLIENTS),
+                                                              runtime_port, sock, adaptive_poll=name in ADAPTIVE_CLIENTS,
+                                                              executor_secret=secret),
                    timeout_s=RUN_TIMEOUT_S + 60)
+        if name == EXECUTOR_CLIENT:  # the same service, as the SuperNode's ClientApp executor
+            wait_for_port(LOOPBACK, runtime_port, timeout_s=60)
+            start_node(link, f"service_{name}", scoring_service_argv(folder, kits.client_dirs[name],
+                                                                     runtime_port=runtime_port),
+                       timeout_s=RUN_TIMEOUT_S + 60)
     run_dir = root / "server_run"
     run_config = f"run-dir='{run_dir}' config='{CONFIG}' server-kit='{kits.server_dir}'"
     submit = subprocess.run(["flwr", "run", str(REPO), "local", "--run-config", run_config],
@@ -145,7 +157,7 @@ def job(link):
         if record.get("status") == "failed" or (record.get("status") == "completed" and finished):
             break
         time.sleep(2)
-    logs = {n: link["group"].log(n)[-2000:] for n in ["superlink", f"service_{SERVICE_CLIENT}",
+    logs = {n: link["group"].log(n)[-2000:] for n in ["superlink", *[f"service_{c}" for c in SERVICE_CLIENTS],
                                                       *[f"supernode_{c}" for c in CLIENTS]]}
     assert record.get("status") == "completed", json.dumps({"record": record, "logs": logs}, indent=1)
     return run_dir, root
@@ -192,18 +204,37 @@ def test_each_client_ledger_verifies_on_its_own_disk(job):
         assert phases[0] == "rm_training" and phases.count("router_fit") == 1 and phases.count("grpo") == steps
 
 
-def test_scoring_service_answered_every_request_of_its_client(job, link):
-    """gamma's SuperNode relayed to its service: the service process trained and scored (the
-    ledger entries above are its writes), and it stops cleanly on SIGTERM and says how many."""
+@pytest.mark.parametrize("name", SERVICE_CLIENTS)
+def test_scoring_service_answered_every_request_of_its_client(job, link, name):
+    """beta's per-message ClientApp relayed to its service, gamma's service ran the SuperNode's
+    tasks itself: each service process trained and scored (the ledger entries above are its
+    writes), and it stops cleanly on SIGTERM and says how many requests it answered."""
     _, root = job
-    proc = link["group"].procs[f"service_{SERVICE_CLIENT}"]
-    assert proc.poll() is None, "the service died during the run:\n" + link["group"].log(f"service_{SERVICE_CLIENT}")
+    proc = link["group"].procs[f"service_{name}"]
+    assert proc.poll() is None, "the service died during the run:\n" + link["group"].log(f"service_{name}")
     psutil.Process(proc.pid).children()[0].send_signal(signal.SIGTERM)  # `timeout` runs the service as its child
     proc.wait(timeout=30)
-    log = link["group"].log(f"service_{SERVICE_CLIENT}")
+    log = link["group"].log(f"service_{name}")
     served = int(re.search(r"stopped after (\d+) request", log).group(1))
-    ledger = (root / "clients" / SERVICE_CLIENT / "ledger.jsonl").read_text().splitlines()
+    ledger = (root / "clients" / name / "ledger.jsonl").read_text().splitlines()
     # one train request, then one request per release (router fit, GRPO steps) plus evaluation
     # and decrypt requests, which release nothing new
     assert served >= len(ledger), (served, len(ledger), log[-2000:])
-    assert not (root / "clients" / SERVICE_CLIENT / "scorer.sock").exists()
+    assert not (root / "clients" / name / "scorer.sock").exists()
+    if name == EXECUTOR_CLIENT:  # every task it acquired was one request, none failed
+        tasks, failed = map(int, re.search(r"after (\d+) task\(s\), (\d+) failed", log).groups())
+        assert tasks == served and failed == 0, log[-2000:]
+
+
+@pytest.mark.parametrize("secret", [None, b"not the folder's secret"], ids=["no-secret", "wrong-secret"])
+def test_runtime_api_gives_tasks_only_to_the_executor_with_the_secret(job, link, secret):
+    """Threat T25: gamma's SuperNode runs with --isolation process and the folder's SuperExec
+    secret; a local process without it cannot acquire gamma's tasks."""
+    from mor_secure.federation.runtime_executor import ExecutorRefused, RuntimeExecutor
+
+    executor = RuntimeExecutor(f"{LOOPBACK}:{link['runtime_ports'][EXECUTOR_CLIENT]}",
+                               lambda *a: pytest.fail("no task may reach this executor"), auth_secret=secret)
+    with pytest.raises(ExecutorRefused, match=r"refused AcquireTask \(401\).*--superexec-auth-secret-file"):
+        executor.run(idle_timeout_s=5)
+    hardening_record("tests/test_deployment.py::test_runtime_api_gives_tasks_only_to_the_executor_with_the_secret",
+                     inputs=1, bad_inputs=1)

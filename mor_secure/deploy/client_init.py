@@ -2,7 +2,9 @@
 
 The folder is what ``ClientNode`` reads (see ``mor_secure.federation.client_node``):
 ``client.json`` (this client's section of the config + the benchmark's shared facts), ``data/``
-(its private preference pairs), and its ledger key pair. With ``kit`` the ledger key pair is
+(its private preference pairs), its ledger key pair, and ``superexec_auth.secret`` (32 random
+bytes, 0600: the secret its SuperNode and scoring service share when the service is the
+SuperNode's ClientApp executor, ``--superexec-auth-secret-file``). With ``kit`` the ledger key pair is
 the one the provisioner issued (the server kit holds its public half, so the server can verify
 the ledger); without a kit a fresh pair is generated.
 
@@ -13,6 +15,7 @@ with the client's own records in the same format (``mor_secure.data.storage``).
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 from mor_secure.config import RunConfig
@@ -23,6 +26,8 @@ from mor_secure.data.storage import save_records
 from mor_secure.errors import ConfigError
 from mor_secure.federation.client_node import CLIENT_FILE, ClientSetup
 from mor_secure.privacy.ledger import generate_signing_key
+
+EXECUTOR_SECRET = "superexec_auth.secret"
 
 
 def init_client_folder(cfg: RunConfig, name: str, out: Path, kit: Path | None = None) -> Path:
@@ -50,5 +55,6 @@ def init_client_folder(cfg: RunConfig, name: str, out: Path, kit: Path | None = 
     else:
         write_file(out / "ledger_key.pem", client_kit.ledger_key_path.read_bytes())
         write_file(out / "ledger_key.pub", client_kit.ledger_pub_path.read_bytes())
+    write_file(out / EXECUTOR_SECRET, secrets.token_bytes(32))
     (out / CLIENT_FILE).write_text(ClientSetup(section, cfg.run.seed, d.image_size).to_json())
     return out

@@ -67,16 +67,21 @@ def superlink_argv(server_kit: Path, host: str, port: int) -> list[str]:
 
 
 def supernode_argv(client_kit: Path, client_dir: Path, superlink: str, runtime_port: int,
-                   scorer_socket: Path | None = None, adaptive_poll: bool = False) -> list[str]:
+                   scorer_socket: Path | None = None, adaptive_poll: bool = False,
+                   executor_secret: Path | None = None) -> list[str]:
     """``flower-supernode`` with the kit's CA and node key; client and kit folders as node config,
     and the client's scoring service (``mor-secure client serve``) when ``scorer_socket`` is given.
-    ``adaptive_poll`` runs it through ``mor-secure client supernode`` (``deploy/supernode.py``)."""
+    ``adaptive_poll`` runs it through ``mor-secure client supernode`` (``deploy/supernode.py``).
+    ``executor_secret``: ``--isolation process`` with that SuperExec secret; the SuperNode then
+    waits for ``mor-secure client serve --runtime-api 127.0.0.1:RUNTIME_PORT`` to run its tasks."""
     kit = load_client_kit(client_kit)
     node_config = f'client-dir="{Path(client_dir).resolve()}" kit-dir="{Path(client_kit).resolve()}"'
     if scorer_socket is not None:
         node_config += f' scorer-socket="{Path(scorer_socket).resolve()}"'
     args = ["--superlink", superlink, *kit.supernode_args(), "--node-config", node_config,
             "--host", LOOPBACK, "--port", str(runtime_port)]
+    if executor_secret is not None:
+        args += ["--isolation", "process", "--superexec-auth-secret-file", str(Path(executor_secret).resolve())]
     if adaptive_poll:
         return [_mor_secure_bin(), "client", "supernode", "--", *args]
     return ["flower-supernode", *args]
@@ -93,11 +98,16 @@ def write_connection(flwr_home: Path, name: str, address: str, ca_pem: Path) -> 
     return path
 
 
-def scoring_service_argv(client_dir: Path, client_kit: Path | None = None, threads: int | None = None) -> list[str]:
-    """``mor-secure client serve`` for ``client_dir`` (its socket: ``client_dir/scorer.sock``)."""
+def scoring_service_argv(client_dir: Path, client_kit: Path | None = None, threads: int | None = None,
+                         runtime_port: int | None = None) -> list[str]:
+    """``mor-secure client serve`` for ``client_dir``: on its socket ``client_dir/scorer.sock``, or,
+    with ``runtime_port``, as the ClientApp executor of the SuperNode whose Runtime API is
+    ``127.0.0.1:runtime_port`` (with the folder's ``superexec_auth.secret``)."""
     argv = [_mor_secure_bin(), "client", "serve", "--dir", str(Path(client_dir).resolve())]
     if client_kit is not None:
         argv += ["--kit", str(Path(client_kit).resolve())]
+    if runtime_port is not None:
+        argv += ["--runtime-api", f"{LOOPBACK}:{runtime_port}"]
     return argv + (["--threads", str(threads)] if threads is not None else [])
 
 

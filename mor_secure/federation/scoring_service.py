@@ -43,6 +43,7 @@ from flwr.app import RecordDict
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "scorer.sock"
+EXECUTOR_SECRET = "superexec_auth.secret"  # the same name as deploy.client_init.EXECUTOR_SECRET
 MAX_HEADER = 64 * 1024
 MAX_BODY = 256 * 2**20
 #: How long a relay waits for the service's reply. Training an RM takes minutes; scoring,
@@ -208,7 +209,6 @@ class ScoringService:
             self.path.unlink(missing_ok=True)
 
     def _handle(self, conn: socket.socket) -> None:
-        from mor_secure.federation import client_app
         from mor_secure.federation import protocol as P
 
         conn.settimeout(60.0)  # for reading the request; the reply is written as soon as it exists
@@ -228,18 +228,27 @@ class ScoringService:
         except Exception as exc:  # noqa: BLE001 - anything unreadable is the sender's fault
             _refuse(conn, P.ERR_BAD_REQUEST, f"malformed request frame: {exc}")
             return
-        named = header.get("node_config", {}).get("client-dir")
+        out = self.answer(kind, content, header.get("node_config", {}))
+        if isinstance(out, tuple):
+            _refuse(conn, *out)
+        else:
+            _try_send(conn, {"ok": True}, _to_bytes(out))
+
+    def answer(self, kind: str, content: RecordDict, node_config: dict) -> RecordDict | tuple[int, str]:
+        """The reply content for one request, or the ``(code, reason)`` of its error reply: the
+        socket path and the Runtime API executor (``runtime_executor``) both answer here."""
+        from mor_secure.federation import client_app
+        from mor_secure.federation import protocol as P
+
+        named = node_config.get("client-dir")
         if named is not None and Path(str(named)).resolve() != self.folder:
-            _refuse(conn, P.ERR_NOT_READY, f"the SuperNode's client-dir {named} is not the folder this service "
-                                           f"serves ({self.folder}); start one service per client folder")
-            return
+            return (P.ERR_NOT_READY, f"the SuperNode's client-dir {named} is not the folder this service "
+                                     f"serves ({self.folder}); start one service per client folder")
         self.handled += 1
         try:
-            reply = client_app.handle(kind, content, self.node)
+            return client_app.handle(kind, content, self.node)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a typed error reply
-            _refuse(conn, *client_app.failure(exc))
-            return
-        _try_send(conn, {"ok": True}, _to_bytes(reply))
+            return client_app.failure(exc)
 
 
 def _refuse(conn: socket.socket, code: int, reason: str) -> None:
@@ -254,11 +263,22 @@ def _try_send(conn: socket.socket, header: dict, body: bytes = b"") -> None:
         log.warning("could not send the reply to the relay: %s", exc)
 
 
-def run_service(folder: Path, kit_dir: Path | None = None, socket_path: Path | None = None) -> int:
-    """``mor-secure client serve``: serve until SIGTERM or SIGINT; 0 on a clean stop."""
+def run_service(folder: Path, kit_dir: Path | None = None, socket_path: Path | None = None,
+                runtime_api: str | None = None, auth_secret_file: Path | None = None) -> int:
+    """``mor-secure client serve``: serve until SIGTERM or SIGINT; 0 on a clean stop.
+
+    With ``runtime_api`` (a SuperNode started with ``--isolation process``) the service is that
+    SuperNode's ClientApp executor (``runtime_executor``) instead of listening on a socket."""
+    from mor_secure.errors import ConfigError
     from mor_secure.quiet import quiet_libraries
 
     quiet_libraries()
+    if runtime_api is None and auth_secret_file is not None:
+        raise ConfigError("--superexec-auth-secret-file goes with --runtime-api (the SuperNode's Runtime API)")
+    if runtime_api is not None:
+        if auth_secret_file is None and (Path(folder) / EXECUTOR_SECRET).is_file():
+            auth_secret_file = Path(folder) / EXECUTOR_SECRET  # written by `mor-secure client init`
+        return _run_executor(ScoringService(folder, kit_dir, socket_path), runtime_api, auth_secret_file)
     service = ScoringService(folder, kit_dir, socket_path).bind()
 
     def stop(_signum, _frame) -> None:
@@ -270,4 +290,35 @@ def run_service(folder: Path, kit_dir: Path | None = None, socket_path: Path | N
           f"(SuperNode --node-config: scorer-socket=\"{service.path}\"); stop with Ctrl-C or SIGTERM", flush=True)
     service.serve()
     print(f"client {service.node.name}: scoring service stopped after {service.handled} request(s)", flush=True)
+    return 0
+
+
+def _run_executor(service: ScoringService, runtime_api: str, auth_secret_file: Path | None) -> int:
+    from mor_secure.errors import ConfigError
+    from mor_secure.federation.runtime_executor import ExecutorRefused, RuntimeExecutor
+
+    secret = None
+    if auth_secret_file is not None:
+        try:
+            secret = Path(auth_secret_file).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"--superexec-auth-secret-file {auth_secret_file}: {exc.strerror}") from None
+        if not secret:
+            raise ConfigError(f"--superexec-auth-secret-file {auth_secret_file} is empty; give the same non-empty "
+                              f"file as the SuperNode's --superexec-auth-secret-file")
+    executor = RuntimeExecutor(runtime_api, service.answer, auth_secret=secret)
+
+    def stop(_signum, _frame) -> None:
+        executor.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"client {service.node.name}: ClientApp executor for the SuperNode's Runtime API at {runtime_api} "
+          f"(start the SuperNode with --isolation process); stop with Ctrl-C or SIGTERM", flush=True)
+    try:
+        executor.run()
+    except ExecutorRefused as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"client {service.node.name}: executor stopped after {executor.tasks} task(s), {executor.failed} failed; "
+          f"scoring service stopped after {service.handled} request(s)", flush=True)
     return 0
