@@ -103,6 +103,13 @@ def test_transport_verdict_reads_the_best_deployment_side_and_explains_the_waits
                            "10.00x over TLS")
     assert "adaptive poll (measured 1.5 s)" in both and "steps that take over 3.0 s in-process" in both
     assert "with both: 0.50 s of server CPU" in both
+    execd = _transport(0.5, 30.0, 10.0, 4.0)
+    execd["sides"]["tls_executor"] = dict(execd["sides"]["tls_adaptive"], ratio=2.0, ratio_by_repeat=[2.0],
+                                          reward_extra_s=0.5)
+    ex = "\n".join(_transport_analysis(execd, 2))
+    assert ex.startswith("Target (b) **missed**: 2.00x with the service as its SuperNode's ClientApp executor")
+    assert "as executor (measured 0.5 s)" in ex and "steps that take over 1.0 s in-process" in ex
+    assert "relay process" not in ex.split("On a dedicated machine")[1]  # no process per message to count
     met = "\n".join(_transport_analysis(_transport(12.0, 2.0, 1.3), 2))
     assert met.startswith("Target (b) **met**: 1.30x over TLS with each client's scoring service")
 

@@ -68,10 +68,13 @@ SIDE_TITLES = {"direct": "in-process (client RMs called directly)",
                "tls": "Flower deployment runtime, TLS on loopback, per-message ClientApp scores itself",
                "tls_service": "Flower deployment runtime, TLS on loopback, ClientApp relays to the client's "
                               "scoring service (`client serve`)",
-               "tls_adaptive": "the same, SuperNodes run by `mor-secure client supernode` (adaptive poll)"}
+               "tls_adaptive": "the same, SuperNodes run by `mor-secure client supernode` (adaptive poll)",
+               "tls_executor": "the same, each scoring service is its SuperNode's ClientApp executor "
+                               "(`client serve --runtime-api`, `--isolation process`: no process per message)"}
 # the deployments after the first (sides direct and tls): how each runs its clients
 EXTRA_DEPLOYMENTS = {"tls_service": {"service": True, "adaptive_poll": False},
-                     "tls_adaptive": {"service": True, "adaptive_poll": True}}
+                     "tls_adaptive": {"service": True, "adaptive_poll": True},
+                     "tls_executor": {"service": True, "adaptive_poll": True, "executor": True}}
 
 
 def _median(xs: Sequence[float]) -> float:
@@ -512,18 +515,21 @@ spec = ""
 
 
 def _deployment_run(root: Path, names: list[str], kits, folders: list[Path], spec: dict, *,
-                    timeout_s: float, progress: bool, service: bool = False, adaptive_poll: bool = False) -> dict:
+                    timeout_s: float, progress: bool, service: bool = False, adaptive_poll: bool = False,
+                    executor: bool = False) -> dict:
     """Start a TLS SuperLink (SuperNode auth) and one SuperNode per client on loopback, submit the
     bench ServerApp with ``flwr run``, wait for its result (bounded), stop every process.
 
     ``service``: each client also runs ``mor-secure client serve`` (one torch thread, as the
     per-message ClientApp uses) and its SuperNode relays to it (``scorer-socket``). ``adaptive_poll``:
-    the SuperNodes run through ``mor-secure client supernode`` (``deploy/supernode.py``)."""
+    the SuperNodes run through ``mor-secure client supernode`` (``deploy/supernode.py``). ``executor``:
+    each SuperNode runs with ``--isolation process`` and the client's service is its ClientApp
+    executor (``client serve --runtime-api``) instead of listening on a socket."""
     from mor_secure.deploy.local import (
         LOOPBACK, ProcessGroup, flower_env, free_port, scoring_service_argv, superlink_argv, supernode_argv,
         wait_for_port, wait_for_socket, write_connection,
     )
-    from mor_secure.federation.scoring_service import SOCKET_NAME
+    from mor_secure.federation.scoring_service import EXECUTOR_SECRET, SOCKET_NAME
 
     root.mkdir(parents=True)
     env = flower_env(root / "flwr_home")
@@ -546,8 +552,8 @@ def _deployment_run(root: Path, names: list[str], kits, folders: list[Path], spe
                                   "bench"], env=env, capture_output=True, text=True, timeout=60)
             if reg.returncode != 0:
                 raise RuntimeError(f"flwr supernode register {name} failed:\n{reg.stdout}{reg.stderr}")
-            sock = None
-            if service:
+            sock, runtime_port = None, free_port()
+            if service and not executor:
                 proc = group.start(f"service_{name}", ["timeout", limit, *scoring_service_argv(
                     folder, kits.client_dirs[name], threads=1)], env, cwd=root)
                 sock = Path(folder) / SOCKET_NAME
@@ -556,15 +562,19 @@ def _deployment_run(root: Path, names: list[str], kits, folders: list[Path], spe
                 except (RuntimeError, TimeoutError) as exc:
                     raise RuntimeError(f"{exc}; service log:\n{group.log(f'service_{name}')[-2000:]}") from None
             group.start(f"supernode_{name}", ["timeout", limit, *supernode_argv(
-                kits.client_dirs[name], folder, address, free_port(), sock, adaptive_poll=adaptive_poll)],
-                        env, cwd=root)
+                kits.client_dirs[name], folder, address, runtime_port, sock, adaptive_poll=adaptive_poll,
+                executor_secret=Path(folder) / EXECUTOR_SECRET if executor else None)], env, cwd=root)
+            if executor:
+                wait_for_port(LOOPBACK, runtime_port, timeout_s=60)
+                group.start(f"service_{name}", ["timeout", limit, *scoring_service_argv(
+                    folder, kits.client_dirs[name], threads=1, runtime_port=runtime_port)], env, cwd=root)
         submit = subprocess.run(["flwr", "run", str(app_dir), "bench", "--run-config", f"spec='{spec_path}'"],
                                 env=env, capture_output=True, text=True, timeout=120, cwd=root)
         if submit.returncode != 0:
             raise RuntimeError(f"flwr run failed:\n{submit.stdout}{submit.stderr}")
         deadline = time.monotonic() + timeout_s
         desc = "(b) GRPO steps, " + ("scoring services" if service else "all sides") + (
-            ", adaptive poll" if adaptive_poll else "")
+            ", adaptive poll" if adaptive_poll else "") + (", executors" if executor else "")
         with tqdm(total=expected, desc=desc, disable=not progress) as bar:
             while time.monotonic() < deadline and not result_path.exists():
                 try:
@@ -891,13 +901,15 @@ def _adaptive_wait(compute_s: float) -> float:
 
 _DEPLOYED = {"tls": ("with a ClientApp process that loads everything per message", "without the service"),
              "tls_service": ("over TLS with each client's scoring service", "with the service"),
-             "tls_adaptive": ("with the service and the SuperNodes' adaptive poll", "with both")}
+             "tls_adaptive": ("with the service and the SuperNodes' adaptive poll", "with both"),
+             "tls_executor": ("with the service as its SuperNode's ClientApp executor and the adaptive poll",
+                              "with the service as executor")}
 
 
 def _transport_analysis(b: dict, cpus) -> list[str]:
     """Target (b)'s verdict and where the deployment runtime's time goes, from the measured numbers."""
     s, direct = b["sides"], b["sides"]["direct"]
-    deployed = [side for side in ("tls_adaptive", "tls_service", "tls") if side in s]
+    deployed = [side for side in ("tls_executor", "tls_adaptive", "tls_service", "tls") if side in s]
     best_side = min(deployed, key=lambda side: s[side]["ratio"])
     best = s[best_side]["ratio"]
     lines = [f"Target (b) **{'met' if best <= TARGET_RATIO else 'missed'}**: "
@@ -914,6 +926,7 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
     idle_a = _adaptive_wait(compute)
     fixed = idle + 0.05 + 0.25 + 0.1
     fixed_a = idle_a + 0.05 + 0.01 + 0.1
+    fixed_e = idle_a + 0.02 + 0.01 + 0.1  # the executor polls AcquireTask every 0.02 s after a task
     lines += ["", "Where the time goes, on Flower 1.42, for each message to a SuperNode:", "",
               f"- Flower's SuperNode pulls from the SuperLink every 3 s when it is idle (fixed in its source). "
               f"After a reply it pulls again at once, finds nothing (the server is still computing its next step, "
@@ -923,7 +936,9 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
               f"(`mor_secure/deploy/supernode.py`); the next request then waits about {idle_a:.2f} s;",
               "- its SuperExec looks for tasks every 0.1 s (`FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1`, set by "
               "`mor_secure.deploy.local.flower_env` and the README recipe; Flower's default is 1 s) and starts a "
-              "new `flwr-clientapp` process for the message;",
+              "new `flwr-clientapp` process for the message. With `--isolation process` there is neither: the "
+              "client's scoring service acquires the task itself (every 0.02 s after a task, on the same adaptive "
+              "schedule) and answers in its own process (`mor_secure/federation/runtime_executor.py`);",
               f"- that process, measured outside Flower (median of 2): {full['process_s']:.1f} s when it scores "
               f"itself (Flower's ClientApp runtime {full['runtime_import_s']:.1f} s, the ClientApp module "
               f"{full['app_import_s']:.1f} s, the client node with torch, transformers and TenSEAL and its RM "
@@ -940,19 +955,27 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
               + f"), {idle_a:.2f} + 0.05 + process + 0.01 + about 0.1 = {fixed_a + relay['process_s']:.1f} s with "
               f"the service and the adaptive poll (measured "
               + (f"{s['tls_adaptive']['reward_extra_s']:.1f} s" if "tls_adaptive" in s else "n/a")
+              + f"), {idle_a:.2f} + 0.02 + 0.01 + about 0.1 = {fixed_e:.1f} s with the service as executor (measured "
+              + (f"{s['tls_executor']['reward_extra_s']:.1f} s" if "tls_executor" in s else "n/a")
               + f"); the clients' processes start at the same time on {cpus} shared CPUs.", ""]
     extra = s[best_side]["reward_extra_s"]
     lines.append(f"This extra time is fixed per step, whatever the step's size: the ratio reaches {TARGET_RATIO}x "
                  f"for GRPO steps that take over {extra / (TARGET_RATIO - 1):.1f} s in-process (how long a "
                  f"real-size VLM's step takes was not measured here). At the demo's step size "
-                 f"({direct['step_s']:.2f} s here), what remains is Flower 1.42's new `flwr-clientapp` process per "
-                 f"message, which no setting of Flower's avoids, and the polls.")
-    est_fixed = fixed_a if best_side == "tls_adaptive" else fixed
-    est = direct["server_cpu_s"] + est_fixed + relay["process_cpu_s"]
+                 f"({direct['step_s']:.2f} s here), what remains "
+                 + ("is the round trip itself: the server's message through the SuperLink, the SuperNode and its "
+                    "Runtime API to the service and back, with the polls between them."
+                    if best_side == "tls_executor" else
+                    "is Flower 1.42's new `flwr-clientapp` process per message and the polls."))
+    if best_side == "tls_executor":
+        est_fixed, est_proc = fixed_e, 0.0
+    else:
+        est_fixed, est_proc = (fixed_a if best_side == "tls_adaptive" else fixed), relay["process_cpu_s"]
+    est = direct["server_cpu_s"] + est_fixed + est_proc
     lines += ["", f"On a dedicated machine (an estimate from CPU times, not a measurement), "
-              f"{_DEPLOYED[best_side][1]}: {direct['server_cpu_s']:.2f} s of server CPU, {est_fixed:.2f} s of waits and "
-              f"{relay['process_cpu_s']:.1f} s of CPU for the relay process. That is about {est:.1f} s per step, "
-              f"or **{est / direct['server_cpu_s']:.1f}x**."]
+              f"{_DEPLOYED[best_side][1]}: {direct['server_cpu_s']:.2f} s of server CPU, {est_fixed:.2f} s of waits"
+              + (f" and {est_proc:.1f} s of CPU for the relay process" if est_proc else "")
+              + f". That is about {est:.1f} s per step, or **{est / direct['server_cpu_s']:.1f}x**."]
     return lines
 
 
@@ -1037,7 +1060,7 @@ def render(result: dict, command: str, date: str, machine_line: str | None = Non
               f"within each of {b['repeats']} repeats (fresh policy, same data). In-process: `ClientNode.score` of each client called directly "
               f"(same RMs, same clipping, noise and ledger write). In-process grid: the real ClientApp behind "
               f"Flower messages deflated to wire objects and back, no network. Deployment: "
-              f"{'a TLS SuperLink with SuperNode authentication and one SuperNode per client on 127.0.0.1, the bench ServerApp submitted with `flwr run`; before each run the previous ClientApp processes are waited for; then the same again with each client running `mor-secure client serve` and its SuperNode relaying to it, and a third time with those SuperNodes run by `mor-secure client supernode`' if 'tls' in s else 'not run (--transport grid)'}."
+              f"{'a TLS SuperLink with SuperNode authentication and one SuperNode per client on 127.0.0.1, the bench ServerApp submitted with `flwr run`; before each run the previous ClientApp processes are waited for; then the same again with each client running `mor-secure client serve` and its SuperNode relaying to it, a third time with those SuperNodes run by `mor-secure client supernode`, and a fourth with each service as the ClientApp executor of its SuperNode' if 'tls' in s else 'not run (--transport grid)'}."
               f" Target: Flower over TLS at most {TARGET_RATIO}x.", "",
               "| rewards | GRPO step (s) | reward call (s) | ratio to in-process (per repeat) | server CPU per step (s) |",
               "|---|---|---|---|---|",
@@ -1052,8 +1075,8 @@ def render(result: dict, command: str, date: str, machine_line: str | None = Non
                          f"{s[side]['server_cpu_s']:.3f}{' (clients in their own processes)' if side != 'grid' else ''} |")
     lines += ["", "Wall-clock times: polling and process starts are waits, which CPU time does not show. Server CPU is "
               "the CPU time of the thread running GRPO (in-process and in-process grid: the clients' scoring too). "
-              "The scoring-service rows come from a second and a third deployment (same clients, folders and "
-              "settings) whose sides are in-process and TLS with the services; each ratio is to that run's own "
+              "The scoring-service rows come from further deployments (same clients, folders and settings), one "
+              "each, whose sides are in-process and TLS with the services; each ratio is to that run's own "
               "in-process side."]
     lines.append("")
     if "tls" in s:
