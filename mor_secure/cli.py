@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     snode = client.add_parser(
         "supernode", help="run Flower's flower-supernode with adaptive polling (deployment; see README)",
         usage="mor-secure client supernode [--floor-s S] -- FLOWER_SUPERNODE_ARGS...",
-        description="Flower's own SuperNode, except that after an empty pull it sleeps a quarter of the "
+        description="Flower's own SuperNode, except that after an empty pull it sleeps an eighth of the "
                     "time since its last message (from --floor-s up to Flower's 3 s) instead of 3 s, and "
                     "looks for its ClientApp's reply every 0.02 s instead of 0.5 s. Everything after `--` "
                     "goes to flower-supernode unchanged.")

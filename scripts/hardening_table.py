@@ -88,9 +88,11 @@ ROWS = [
          "tests/test_deployment.py::test_plaintext_supernode_is_refused",
          "tests/test_deployment.py::test_unregistered_supernode_is_refused",
          "tests/test_deployment.py::test_plaintext_control_connection_is_refused",
+         "tests/test_deployment.py::test_runtime_api_gives_tasks_only_to_the_executor_with_the_secret",
          "tests/test_deployment.py::test_mor_job_completes_over_tls_with_ckks"),
         inputs="rogue connections (no CA and unregistered key, each through `flower-supernode` and "
-               "`mor-secure client supernode`; plaintext SuperNode; plaintext control)",
+               "`mor-secure client supernode`; plaintext SuperNode; plaintext control; a task executor with no "
+               "or a wrong SuperExec secret)",
         runs="MoR jobs over TLS with CKKS"),
 ]
 

@@ -26,8 +26,8 @@ def test_idle_wait_is_bounded_and_grows_with_idle_time(a, b):
 
 def test_idle_wait_values():
     assert sn.idle_wait(0.0) == sn.FLOOR_S  # right after a message: pull every 0.02 s
-    assert sn.idle_wait(1.0) == pytest.approx(0.25)  # a request t s after a reply waits at most ~t/4 more
-    assert sn.idle_wait(12.0) == sn.FLOWER_IDLE_S  # an idle node is back to Flower's own 3 s
+    assert sn.idle_wait(1.0) == pytest.approx(0.125)  # a request t s after a reply waits at most ~t/8 more
+    assert sn.idle_wait(24.0) == sn.FLOWER_IDLE_S  # an idle node is back to Flower's own 3 s
     assert sn.idle_wait(3600.0) == sn.FLOWER_IDLE_S
 
 
@@ -51,7 +51,7 @@ def test_clock_replaces_the_idle_sleep_and_the_local_waits():
     assert t.slept[-1] == sn.FLOOR_S
     t.now += 2.0
     clock.sleep(3)
-    assert t.slept[-1] == pytest.approx(0.25 * (2.0 + sn.FLOOR_S))
+    assert t.slept[-1] == pytest.approx(sn.IDLE_FRACTION * (2.0 + sn.FLOOR_S))
     t.now += 60
     clock.sleep(3)
     assert t.slept[-1] == sn.FLOWER_IDLE_S
@@ -75,7 +75,8 @@ def test_clock_refuses_bad_settings():
 def test_install_wraps_the_pull_so_a_message_resets_the_schedule():
     t = FakeTime()
     replies = iter([None, 7, None])
-    module = types.SimpleNamespace(time=time, _pull_and_store_message=lambda **kw: next(replies))
+    module = types.SimpleNamespace(time=time, _pull_and_store_message=lambda **kw: next(replies),
+                                   _push_messages=lambda **kw: None)
     clock = sn.AdaptiveClock(clock=t.clock, sleeper=t.sleep)
     assert sn.install(module, clock)
     assert module.time is clock
@@ -87,11 +88,17 @@ def test_install_wraps_the_pull_so_a_message_resets_the_schedule():
     assert module._pull_and_store_message(state=None) is None
     module.time.sleep(3)
     assert t.slept[-1] == sn.FLOOR_S
+    t.now += 8.0  # the ClientApp worked 8 s on that message; pushing its reply marks the clock again
+    module._push_messages(state=None)
+    module.time.sleep(3)
+    assert t.slept[-1] == sn.FLOOR_S
 
 
 def test_install_changes_nothing_in_a_module_it_does_not_know():
-    for module in (types.SimpleNamespace(time=time), types.SimpleNamespace(_pull_and_store_message=print),
-                   types.SimpleNamespace(time=object(), _pull_and_store_message=print)):
+    for module in (types.SimpleNamespace(time=time, _push_messages=print),
+                   types.SimpleNamespace(_pull_and_store_message=print, _push_messages=print),
+                   types.SimpleNamespace(time=time, _pull_and_store_message=print),
+                   types.SimpleNamespace(time=object(), _pull_and_store_message=print, _push_messages=print)):
         before = dict(vars(module))
         assert not sn.install(module, sn.AdaptiveClock())
         assert vars(module) == before
@@ -102,10 +109,17 @@ def test_installed_flower_still_has_the_loop_this_replaces():
     (and say so), and what BENCHMARKS.md perf (b) says about the poll would no longer hold."""
     from flwr.supernode import start_client_internal as loop
 
-    assert loop.time is time and callable(loop._pull_and_store_message)
+    from flwr.superlink.grid import http_grid
+    from flwr.supercore.inflatable import inflatable_utils
+
+    assert loop.time is time and callable(loop._pull_and_store_message) and callable(loop._push_messages)
     src = inspect.getsource(loop.start_client_internal)
-    assert "run_id = _pull_and_store_message(" in src and "time.sleep(3)" in src
+    assert "run_id = _pull_and_store_message(" in src and "time.sleep(3)" in src and "_push_messages(" in src
     assert "time.sleep(0.5)" in inspect.getsource(loop._push_messages)
+    # the object pulls whose first retry is shortened: the SuperNode's and the SuperLink grid's
+    assert "pull_objects(" in inspect.getsource(loop._pull_and_store_message)
+    assert "pull_objects(" in inspect.getsource(http_grid.HttpGrid)
+    assert inspect.signature(inflatable_utils.pull_objects).parameters["initial_backoff"].default == 1
 
 
 def test_cli_needs_flower_arguments(capsys):
@@ -113,3 +127,36 @@ def test_cli_needs_flower_arguments(capsys):
     assert "after `--`" in capsys.readouterr().err
     assert main(["client", "supernode", "--floor-s", "4", "--", "--superlink", "127.0.0.1:1"]) == 2
     assert "--floor-s 4.0" in capsys.readouterr().err
+
+
+def test_short_pull_backoff_keeps_flowers_function_and_limits():
+    from flwr.supercore.inflatable import inflatable_utils
+
+    module = types.SimpleNamespace(pull_objects=inflatable_utils.pull_objects)
+    assert sn.short_pull_backoff(module)
+    assert module.pull_objects.func is inflatable_utils.pull_objects
+    assert module.pull_objects.keywords == {"initial_backoff": sn.PULL_INITIAL_BACKOFF_S}  # cap, tries, time: Flower's
+    assert sn.short_pull_backoff(module) and module.pull_objects.func is inflatable_utils.pull_objects  # idempotent
+    assert not sn.short_pull_backoff(types.SimpleNamespace(pull_objects=print))
+    assert not sn.short_pull_backoff(types.SimpleNamespace())
+
+
+def test_a_missing_object_is_pulled_again_after_the_short_backoff():
+    """Flower's own pull_objects with the substituted first wait: an object that is there only at
+    the third try is fetched after 0.02 + 0.04 s of backoff, where Flower's waits 1 + 2 s."""
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    module = types.SimpleNamespace(pull_objects=inflatable_utils.pull_objects)
+    assert sn.short_pull_backoff(module)
+    tries = []
+
+    def pull(obj_id):
+        tries.append(obj_id)
+        if len(tries) < 3:
+            raise ObjectUnavailableError(obj_id)
+        return b"content"
+
+    start = time.monotonic()
+    assert module.pull_objects(["a"], pull_object_fn=pull) == {"a": b"content"}
+    assert len(tries) == 3 and time.monotonic() - start < 1.0  # Flower's first retry alone waits 0.8-1.2 s

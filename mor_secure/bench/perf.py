@@ -932,7 +932,7 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
               f"After a reply it pulls again at once, finds nothing (the server is still computing its next step, "
               f"{compute:.2f} s here) and sleeps 3 s: the next request waits about {idle:.1f} s (1.5 s on average "
               f"once the server computes for longer than 3 s). `mor-secure client supernode` runs the same "
-              f"SuperNode with that one sleep replaced: a quarter of the time since its last message, 0.02 s to 3 s "
+              f"SuperNode with that one sleep replaced: an eighth of the time since its last message or reply, 0.02 s to 3 s "
               f"(`mor_secure/deploy/supernode.py`); the next request then waits about {idle_a:.2f} s;",
               "- its SuperExec looks for tasks every 0.1 s (`FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1`, set by "
               "`mor_secure.deploy.local.flower_env` and the README recipe; Flower's default is 1 s) and starts a "
@@ -945,7 +945,8 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
               f"{full['node_s']:.1f} s), {relay['process_s']:.1f} s as a relay to the scoring service (runtime "
               f"{relay['runtime_import_s']:.1f} s, ClientApp module {relay['app_import_s']:.1f} s);",
               "- Flower's SuperNode looks for the reply every 0.5 s (the adaptive one every 0.02 s), and the ServerApp "
-              "pulls replies from the SuperLink every 0.02 s at first, backing off to 0.25 s "
+              "pulls replies from the SuperLink every 0.02 s at first, then every eighth of the time waited so far, at "
+              "most every 0.25 s "
               "(`mor_secure.federation.channel.POLL_S`; Flower's `Grid.send_and_receive` waits 3 s between pulls).", "",
               f"Expected extra per reward round trip: {idle:.1f} + 0.05 + process + 0.25 + about 0.1 = "
               f"{fixed + full['process_s']:.1f} s without the service (measured "

@@ -11,12 +11,16 @@ This launcher runs the unmodified ``flower-supernode`` command in-process with t
 that one module's namespace, nothing else:
 
 * the idle sleep after an empty pull becomes ``idle_wait(seconds since the last message)``: a
-  quarter of the time since the node's last message, at least ``floor_s`` (0.02 s) and at most
+  eighth of the time since the node last pulled a message or finished pushing a reply, at least ``floor_s`` (0.02 s) and at most
   Flower's own 3 s. Right after a message the node pulls every 0.02 s, so a request that follows a
-  reply within t seconds waits at most about t/4 more; a node idle for 12 s or longer is back to
+  reply within t seconds waits at most about t/8 more; a node idle for 24 s or longer is back to
   Flower's 3 s, so the SuperLink's load from idle nodes does not change;
 * the waits on the node's own local state (its ClientApp's reply, an object being stored) poll every
-  ``local_poll_s`` (0.02 s) instead of 0.5 s; they read the SuperNode's in-memory state, no network.
+  ``local_poll_s`` (0.02 s) instead of 0.5 s; they read the SuperNode's in-memory state, no network;
+* its object pulls from the SuperLink (``pull_objects``) retry a not-yet-available object after
+  0.02 s instead of Flower's 1 s, doubling up to Flower's own cap (10 s) and limits as before
+  (:func:`short_pull_backoff`). A message's objects arrive just after the message itself, so the
+  first pull often came too early and waited a whole second.
 
 Everything else (TLS, node authentication, the Runtime API, the SuperExec and its ClientApp
 processes) is Flower's code as installed. The substitutions are made only where the installed
@@ -25,6 +29,7 @@ module still has the names they replace; otherwise the launcher says so and runs
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import threading
@@ -36,7 +41,9 @@ log = logging.getLogger(__name__)
 FLOWER_IDLE_S = 3.0  # the sleep this replaces, after an empty pull (Flower 1.42)
 FLOOR_S = 0.02
 LOCAL_POLL_S = 0.02
-IDLE_FRACTION = 0.25
+IDLE_FRACTION = 0.125
+#: First wait before pulling a not-yet-available object again (Flower 1.42: PULL_INITIAL_BACKOFF = 1 s).
+PULL_INITIAL_BACKOFF_S = 0.02
 
 
 def idle_wait(idle_s: float, *, floor_s: float = FLOOR_S, ceiling_s: float = FLOWER_IDLE_S,
@@ -84,11 +91,12 @@ class AdaptiveClock:
 
 
 def install(module, clock: AdaptiveClock) -> bool:
-    """Put ``clock`` in place of ``module.time`` and wrap ``module._pull_and_store_message`` so a
-    pulled message marks the clock. Returns False (and changes nothing) if either name is missing or
-    is not what Flower 1.42 has there."""
-    pull = getattr(module, "_pull_and_store_message", None)
-    if getattr(module, "time", None) is not _time or not callable(pull):
+    """Put ``clock`` in place of ``module.time``; wrap ``module._pull_and_store_message`` and
+    ``module._push_messages`` so that a pulled message, and the end of pushing its reply, mark the
+    clock (the node is busy, not idle, in between). Returns False (and changes nothing) if a name is
+    missing or is not what Flower 1.42 has there."""
+    pull, push = getattr(module, "_pull_and_store_message", None), getattr(module, "_push_messages", None)
+    if getattr(module, "time", None) is not _time or not callable(pull) or not callable(push):
         return False
 
     def pull_and_mark(*args, **kwargs):
@@ -97,8 +105,30 @@ def install(module, clock: AdaptiveClock) -> bool:
             clock.mark_message()
         return run_id
 
-    module._pull_and_store_message = pull_and_mark
+    def push_and_mark(*args, **kwargs):
+        try:
+            return push(*args, **kwargs)
+        finally:
+            clock.mark_message()
+
+    module._pull_and_store_message, module._push_messages = pull_and_mark, push_and_mark
     module.time = clock
+    return True
+
+
+def short_pull_backoff(module, initial_s: float = PULL_INITIAL_BACKOFF_S) -> bool:
+    """Make ``module.pull_objects`` (Flower's object pull, imported by name into ``module``) retry a
+    missing object first after ``initial_s``. The doubling, its cap and the limits on tries and
+    time stay Flower's. Returns False (and changes nothing) if ``module.pull_objects`` is not
+    Flower's function; True if it is, or was already replaced."""
+    from flwr.supercore.inflatable import inflatable_utils
+
+    current = getattr(module, "pull_objects", None)
+    if isinstance(current, functools.partial) and current.func is inflatable_utils.pull_objects:
+        return True
+    if current is not inflatable_utils.pull_objects:
+        return False
+    module.pull_objects = functools.partial(current, initial_backoff=initial_s)
     return True
 
 
@@ -109,14 +139,16 @@ def main(argv: Sequence[str], *, floor_s: float = FLOOR_S, local_poll_s: float =
     from flwr.supernode.cli import flower_supernode
 
     clock = AdaptiveClock(floor_s=floor_s, local_poll_s=local_poll_s)
-    if install(loop_module, clock):
+    if install(loop_module, clock) and short_pull_backoff(loop_module):
         print(f"mor-secure: flower-supernode (flwr {flwr.__version__}) with adaptive polling: after an empty "
-              f"pull it sleeps a quarter of the time since its last message, {floor_s:g} s to "
-              f"{FLOWER_IDLE_S:g} s; local waits every {local_poll_s:g} s", file=sys.stderr, flush=True)
+              f"pull it sleeps an eighth of the time since its last message, {floor_s:g} s to "
+              f"{FLOWER_IDLE_S:g} s; local waits every {local_poll_s:g} s; a missing object is pulled again "
+              f"after {PULL_INITIAL_BACKOFF_S:g} s", file=sys.stderr, flush=True)
     else:
         print(f"mor-secure: warning: flwr {flwr.__version__}'s SuperNode loop is not the one this launcher "
-              "knows (flwr.supernode.start_client_internal has no `time` module or no "
-              "`_pull_and_store_message`); running flower-supernode unchanged, with its own polling",
+              "knows (flwr.supernode.start_client_internal has no `time` module, no "
+              "`_pull_and_store_message`, no `_push_messages` or no Flower `pull_objects`); running flower-supernode unchanged, with "
+              "its own polling",
               file=sys.stderr, flush=True)
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()

@@ -41,11 +41,25 @@ log = logging.getLogger(__name__)
 WeightsFn = Callable[[np.ndarray], np.ndarray]
 
 
-#: Seconds between the ServerApp's pulls for replies from a Flower ``Grid``: the first pull waits
-#: ``POLL_S[0]``, each later one 1.5x longer, at most ``POLL_S[1]``. Flower's own
+#: Seconds between the ServerApp's pulls for replies from a Flower ``Grid``: an eighth of the time
+#: since the messages were pushed (``POLL_FRACTION``), at least ``POLL_S[0]`` and at most
+#: ``POLL_S[1]``, so a reply that takes t seconds is seen at most about t/8 later. Flower's own
 #: ``Grid.send_and_receive`` waits 3 s between pulls on a SuperLink (``HttpGrid``), which
 #: added 1.5 s on average to every reward round trip in deployment.
 POLL_S = (0.02, 0.25)
+POLL_FRACTION = 0.125
+
+
+def _short_reply_pulls(grid) -> None:
+    """A SuperLink's ``HttpGrid`` pulls each reply's objects with Flower's object pull, whose first
+    retry of an object not yet pushed waits 1 s; a reply's objects follow the reply by
+    milliseconds. Make that retry wait 0.02 s (``deploy.supernode.short_pull_backoff``)."""
+    from flwr.superlink.grid import http_grid
+
+    from mor_secure.deploy.supernode import short_pull_backoff
+
+    if isinstance(grid, http_grid.HttpGrid) and not short_pull_backoff(http_grid):
+        log.warning("flwr.superlink.grid.http_grid has no Flower pull_objects; reply pulls keep Flower's backoff")
 
 
 def send_and_receive(grid, messages: list[Message], timeout: float) -> list[Message]:
@@ -59,19 +73,22 @@ def send_and_receive(grid, messages: list[Message], timeout: float) -> list[Mess
         return []
     if not isinstance(grid, Grid) or isinstance(grid, InMemoryGrid):
         return list(grid.send_and_receive(messages, timeout=timeout))
+    _short_reply_pulls(grid)
+    from mor_secure.deploy.supernode import idle_wait
+
     pending = set(grid.push_messages(messages))
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline = start + timeout
     replies: list[Message] = []
-    wait = POLL_S[0]
     while pending:
         got = list(grid.pull_messages(pending))
         replies += got
         pending -= {m.metadata.reply_to_message_id for m in got}
-        left = deadline - time.monotonic()
-        if not pending or left <= 0:
+        now = time.monotonic()
+        if not pending or now >= deadline:
             break
-        time.sleep(min(wait, left))
-        wait = min(wait * 1.5, POLL_S[1])
+        wait = idle_wait(now - start, floor_s=POLL_S[0], ceiling_s=POLL_S[1], fraction=POLL_FRACTION)
+        time.sleep(min(wait, deadline - now))
     return replies
 
 

@@ -24,8 +24,9 @@ What differs from ``flwr-clientapp``, on purpose:
 
 Flower internals used, all present in flwr 1.42: ``flwr.supercore.runtime.RuntimeHttpClient``,
 the interceptors ``RuntimeVersionHttpInterceptor``, ``RuntimeTokenHttpInterceptor`` and
-``SuperExecAuthHttpInterceptor``, ``flwr.supercore.heartbeat``, and ``pull_task_input``,
-``push_message`` and ``push_task_output`` from ``flwr.supernode.runtime.run_clientapp``.
+``SuperExecAuthHttpInterceptor``, ``flwr.supercore.heartbeat``, ``push_message`` and
+``push_task_output`` from ``flwr.supernode.runtime.run_clientapp``, and the pieces of its
+``pull_task_input`` (see :func:`pull_task_input` here for the two differences).
 ``tests/test_runtime_executor.py`` runs them against a real SuperNode.
 """
 
@@ -59,6 +60,38 @@ def _runtime_client(address: str, interceptors: list):
 
     return RuntimeHttpClient.from_server_address(server_address=address, insecure=True, root_certificates=None,
                                                  interceptors=interceptors, retry_invoker=None)
+
+
+def pull_task_input(client):
+    """The task's message and context: Flower's ``run_clientapp.pull_task_input`` with two changes.
+    The FAB is not inflated (it is never run), and a message object not yet in the SuperNode's store
+    is pulled again after 0.02 s, not 1 s. The SuperNode hands out the task as soon as it has stored
+    the message, and its objects follow a moment later."""
+    from flwr.common.serde import context_from_proto
+    from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=no-name-in-module
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf, make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+
+    from mor_secure.deploy.supernode import PULL_INITIAL_BACKOFF_S
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    task = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = task.task_id, task.run.run_id, task.context.node_id
+    context = context_from_proto(task.context)
+    res = client.PullMessages(PullAppMessagesRequest())
+    if not res.messages_list:
+        raise RuntimeError("the SuperNode's Runtime API returned no message for this task")
+    node, tree = Node(node_id=context.node_id), res.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message, initial_backoff=PULL_INITIAL_BACKOFF_S)
+    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower's: the deflated message lacks it
+    return message, context
 
 
 class RuntimeExecutor:
@@ -136,7 +169,7 @@ class RuntimeExecutor:
         from flwr.common.constant import SubStatus
         from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
         from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
         from mor_secure.federation import protocol as P
 
@@ -148,7 +181,7 @@ class RuntimeExecutor:
         message = context = None
         status, details = SubStatus.FAILED, "the task failed before its message was read"
         try:
-            message, context, _run, _fab = pull_task_input(client)  # the FAB is not installed or run
+            message, context = pull_task_input(client)  # the FAB is not pulled, installed or run
             out = self._answer(message.metadata.message_type, message.content, dict(context.node_config))
             reply = P.error_reply(message, *out) if isinstance(out, tuple) else Message(out, reply_to=message)
             push_message(client, reply, context)
