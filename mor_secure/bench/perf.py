@@ -944,6 +944,13 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
               f"{full['app_import_s']:.1f} s, the client node with torch, transformers and TenSEAL and its RM "
               f"{full['node_s']:.1f} s), {relay['process_s']:.1f} s as a relay to the scoring service (runtime "
               f"{relay['runtime_import_s']:.1f} s, ClientApp module {relay['app_import_s']:.1f} s);",
+              "- Flower pulls a message's objects (its arrays and records) after the message itself; an object that "
+              "is not there yet is pulled again after 1 s, then 2 s, and so on (`PULL_INITIAL_BACKOFF` in "
+              "`flwr.supercore.constant`). The objects follow their message by milliseconds, so a pull that came "
+              "early cost about a second: the SuperNode's pull from the SuperLink, the ClientApp's from the "
+              "SuperNode and the ServerApp's pull of the replies. `mor-secure client supernode`, the executor and "
+              "the ServerApp's reply pulls (`mor_secure.federation.channel`) retry after 0.02 s instead, doubling up "
+              "to Flower's cap as before; a per-message `flwr-clientapp` process keeps Flower's 1 s;",
               "- Flower's SuperNode looks for the reply every 0.5 s (the adaptive one every 0.02 s), and the ServerApp "
               "pulls replies from the SuperLink every 0.02 s at first, then every eighth of the time waited so far, at "
               "most every 0.25 s "
@@ -976,7 +983,9 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
     lines += ["", f"On a dedicated machine (an estimate from CPU times, not a measurement), "
               f"{_DEPLOYED[best_side][1]}: {direct['server_cpu_s']:.2f} s of server CPU, {est_fixed:.2f} s of waits"
               + (f" and {est_proc:.1f} s of CPU for the relay process" if est_proc else "")
-              + f". That is about {est:.1f} s per step, or **{est / direct['server_cpu_s']:.1f}x**."]
+              + f". That is about {est:.1f} s per step, or **{est / direct['server_cpu_s']:.1f}x**. It leaves out the "
+              f"CPU that the SuperLink, the SuperNodes and the services spend on each message (TLS, object pulls, "
+              f"scoring), which here competes with the server's on {cpus} CPUs."]
     return lines
 
 
