@@ -129,11 +129,17 @@ def cmd_client_init(args: argparse.Namespace) -> int:
 
     folder = init_client_folder(load_config(args.config, args.set), args.name, Path(args.out),
                                 Path(args.kit) if args.kit else None)
+    from mor_secure.federation.scoring_service import EXECUTOR_SECRET
+
     node_config = f'client-dir="{folder}"' + (f' kit-dir="{Path(args.kit).resolve()}"' if args.kit else "")
-    print(f"client folder: {folder}\nSuperNode node config: --node-config '{node_config}'\n"
-          f"optional, faster in deployment: keep this client's reward model loaded with "
-          f"`mor-secure client serve --dir {folder}{' --kit ' + str(Path(args.kit).resolve()) if args.kit else ''}` "
-          f"and add scorer-socket=\"{folder / 'scorer.sock'}\" to the node config")
+    kit = f" --kit {Path(args.kit).resolve()}" if args.kit else ""
+    print(f"client folder: {folder}\n"
+          f"start its SuperNode (README, deployment step 3) with: mor-secure client supernode -- ... --port PORT "
+          f"--isolation process --superexec-auth-secret-file {folder / EXECUTOR_SECRET} --node-config '{node_config}'\n"
+          f"then its scoring service, the SuperNode's ClientApp executor: "
+          f"mor-secure client serve --dir {folder}{kit} --runtime-api 127.0.0.1:PORT\n"
+          f"or, with Flower's per-message ClientApp, relaying to `mor-secure client serve --dir {folder}{kit}`: "
+          f"add scorer-socket=\"{folder / 'scorer.sock'}\" to the node config")
     return 0
 
 

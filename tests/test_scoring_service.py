@@ -225,7 +225,22 @@ def test_client_commands_name_the_service_and_refuse_a_folder_that_is_not_a_clie
     out = tmp_path / "alpha"
     assert main(["client", "init", "configs/deploy_smoke.yaml", "--name", "alpha", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert f"mor-secure client serve --dir {out}" in printed and f'scorer-socket="{out / "scorer.sock"}"' in printed
+    assert f"mor-secure client serve --dir {out} --runtime-api 127.0.0.1:PORT" in printed
+    assert f"--isolation process --superexec-auth-secret-file {out / S.EXECUTOR_SECRET}" in printed
+    assert f'scorer-socket="{out / "scorer.sock"}"' in printed
+    secret = out / S.EXECUTOR_SECRET  # the SuperNode's and the executor's shared secret: fresh, owner-only
+    assert len(secret.read_bytes()) == 32 and secret.stat().st_mode & 0o777 == 0o600
+    other = tmp_path / "beta"
+    assert main(["client", "init", "configs/deploy_smoke.yaml", "--name", "beta", "--out", str(other)]) == 0
+    assert (other / S.EXECUTOR_SECRET).read_bytes() != secret.read_bytes()
+    capsys.readouterr()
+    assert main(["client", "serve", "--dir", str(out), "--superexec-auth-secret-file", str(secret)]) == 2
+    assert "goes with --runtime-api" in capsys.readouterr().err
+    empty = tmp_path / "empty.secret"
+    empty.write_bytes(b"")
+    assert main(["client", "serve", "--dir", str(out), "--runtime-api", "127.0.0.1:9", "--superexec-auth-secret-file",
+                 str(empty)]) == 2
+    assert "is empty" in capsys.readouterr().err
     assert main(["client", "serve", "--dir", str(tmp_path / "nothing")]) == 2
     assert "has no client.json" in capsys.readouterr().err
     assert main(["client", "serve", "--dir", str(out), "--threads", "0"]) == 2

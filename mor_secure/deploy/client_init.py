@@ -25,9 +25,8 @@ from mor_secure.data.benchmark import make_client_pairs
 from mor_secure.data.storage import save_records
 from mor_secure.errors import ConfigError
 from mor_secure.federation.client_node import CLIENT_FILE, ClientSetup
+from mor_secure.federation.scoring_service import EXECUTOR_SECRET
 from mor_secure.privacy.ledger import generate_signing_key
-
-EXECUTOR_SECRET = "superexec_auth.secret"
 
 
 def init_client_folder(cfg: RunConfig, name: str, out: Path, kit: Path | None = None) -> Path:

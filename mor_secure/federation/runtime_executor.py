@@ -37,6 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import httpx
 from flwr.app import Message
 
 log = logging.getLogger(__name__)
@@ -74,10 +75,9 @@ def pull_task_input(client):
         make_confirm_message_received_fn_protobuf, make_pull_object_fn_protobuf,
     )
     from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
 
     from mor_secure.deploy.supernode import PULL_INITIAL_BACKOFF_S
-
-    from flwr.supercore.task_identity import TaskIdentity
 
     task = client.PullTaskInput(PullTaskInputRequest())
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = task.task_id, task.run.run_id, task.context.node_id
@@ -123,8 +123,6 @@ class RuntimeExecutor:
         from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
         from flwr.supercore.constant import TaskType
 
-        import httpx
-
         try:
             res = self._client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
         except httpx.HTTPStatusError as exc:
@@ -139,8 +137,6 @@ class RuntimeExecutor:
     def run(self, max_tasks: int | None = None, idle_timeout_s: float | None = None) -> None:
         """Serve tasks until ``stop()``, ``max_tasks`` tasks, or ``idle_timeout_s`` without one.
         ExecutorRefused if the SuperNode refuses this executor."""
-        import httpx
-
         from mor_secure.deploy.supernode import idle_wait
 
         last = time.monotonic()

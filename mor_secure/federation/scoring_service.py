@@ -43,7 +43,7 @@ from flwr.app import RecordDict
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "scorer.sock"
-EXECUTOR_SECRET = "superexec_auth.secret"  # the same name as deploy.client_init.EXECUTOR_SECRET
+EXECUTOR_SECRET = "superexec_auth.secret"  # written by `mor-secure client init` (deploy.client_init)
 MAX_HEADER = 64 * 1024
 MAX_BODY = 256 * 2**20
 #: How long a relay waits for the service's reply. Training an RM takes minutes; scoring,
