@@ -160,3 +160,30 @@ def test_a_missing_object_is_pulled_again_after_the_short_backoff():
     start = time.monotonic()
     assert module.pull_objects(["a"], pull_object_fn=pull) == {"a": b"content"}
     assert len(tries) == 3 and time.monotonic() - start < 1.0  # Flower's first retry alone waits 0.8-1.2 s
+
+
+@pytest.mark.parametrize("flower_loop", ["known", "pull_changed", "loop_changed", "both_changed"])
+def test_launcher_says_what_it_substituted(flower_loop, monkeypatch, capsys):
+    """`main` on the real loop module (restored afterwards), with Flower's SuperNode itself
+    replaced by a stub that records its argv: it names every substitution it could not make."""
+    import sys as _sys
+
+    from flwr.supernode import start_client_internal as loop
+    from flwr.supernode import cli as flower_cli
+
+    for name in ("time", "_pull_and_store_message", "_push_messages", "pull_objects"):
+        monkeypatch.setattr(loop, name, getattr(loop, name))  # restored at teardown, whatever main does
+    if flower_loop in ("pull_changed", "both_changed"):
+        monkeypatch.setattr(loop, "pull_objects", lambda *a, **k: {})
+    if flower_loop in ("loop_changed", "both_changed"):
+        monkeypatch.delattr(loop, "_push_messages")
+    ran = []
+    monkeypatch.setattr(flower_cli, "flower_supernode", lambda: ran.append(list(_sys.argv)))
+    monkeypatch.setattr(_sys, "argv", list(_sys.argv))
+    assert sn.main(["--superlink", "127.0.0.1:1"]) == 0
+    assert ran == [["flower-supernode", "--superlink", "127.0.0.1:1"]]  # Flower's own command, arguments as given
+    err = capsys.readouterr().err
+    expected = {"known": "with adaptive polling", "pull_changed": "the adaptive poll is in place",
+                "loop_changed": "the object-pull retry is in place", "both_changed": "running flower-supernode unchanged"}
+    assert expected[flower_loop] in err, err
+    assert (loop.time is time) == (flower_loop in ("loop_changed", "both_changed"))

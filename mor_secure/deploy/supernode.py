@@ -7,12 +7,13 @@ sends each client one reward request per step: after every reply the SuperNode p
 nothing (the server is still computing its next step) and sleeps 3 s, so every step waited about
 2.7 s for that sleep alone (BENCHMARKS.md, perf (b)).
 
-This launcher runs the unmodified ``flower-supernode`` command in-process with two substitutions in
-that one module's namespace, nothing else:
+This launcher runs the unmodified ``flower-supernode`` command in-process with three substitutions
+in that one module's namespace, nothing else:
 
-* the idle sleep after an empty pull becomes ``idle_wait(seconds since the last message)``: a
-  eighth of the time since the node last pulled a message or finished pushing a reply, at least ``floor_s`` (0.02 s) and at most
-  Flower's own 3 s. Right after a message the node pulls every 0.02 s, so a request that follows a
+* the idle sleep after an empty pull becomes ``idle_wait(seconds since the last message)``: an
+  eighth of the time since the node last pulled a message or finished pushing a reply (its
+  ``_pull_and_store_message`` and ``_push_messages`` are wrapped to note those times), at least
+  ``floor_s`` (0.02 s) and at most Flower's own 3 s. Right after a message the node pulls every 0.02 s, so a request that follows a
   reply within t seconds waits at most about t/8 more; a node idle for 24 s or longer is back to
   Flower's 3 s, so the SuperLink's load from idle nodes does not change;
 * the waits on the node's own local state (its ClientApp's reply, an object being stored) poll every
@@ -139,7 +140,14 @@ def main(argv: Sequence[str], *, floor_s: float = FLOOR_S, local_poll_s: float =
     from flwr.supernode.cli import flower_supernode
 
     clock = AdaptiveClock(floor_s=floor_s, local_poll_s=local_poll_s)
-    if install(loop_module, clock) and short_pull_backoff(loop_module):
+    pulls = short_pull_backoff(loop_module)
+    polls = install(loop_module, clock)
+    if pulls != polls:
+        print(f"mor-secure: warning: flwr {flwr.__version__}'s SuperNode loop is only partly the one this launcher "
+              f"knows: {'the object-pull retry' if pulls else 'the adaptive poll'} is in place, "
+              f"{'the adaptive poll' if pulls else 'the object-pull retry'} is Flower's own",
+              file=sys.stderr, flush=True)
+    elif polls:
         print(f"mor-secure: flower-supernode (flwr {flwr.__version__}) with adaptive polling: after an empty "
               f"pull it sleeps an eighth of the time since its last message, {floor_s:g} s to "
               f"{FLOWER_IDLE_S:g} s; local waits every {local_poll_s:g} s; a missing object is pulled again "
