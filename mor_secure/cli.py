@@ -126,11 +126,10 @@ def cmd_audit_privacy(args: argparse.Namespace) -> int:
 def cmd_client_init(args: argparse.Namespace) -> int:
     from mor_secure.config import load_config
     from mor_secure.deploy.client_init import init_client_folder
+    from mor_secure.federation.scoring_service import EXECUTOR_SECRET
 
     folder = init_client_folder(load_config(args.config, args.set), args.name, Path(args.out),
                                 Path(args.kit) if args.kit else None)
-    from mor_secure.federation.scoring_service import EXECUTOR_SECRET
-
     node_config = f'client-dir="{folder}"' + (f' kit-dir="{Path(args.kit).resolve()}"' if args.kit else "")
     kit = f" --kit {Path(args.kit).resolve()}" if args.kit else ""
     print(f"client folder: {folder}\n"

@@ -62,7 +62,6 @@ FAMILIES = ("llava", "idefics3", "paligemma")
 _OWNED = {"llava": "colour", "idefics3": "count", "paligemma": "position"}
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 TARGET_RATIO = 1.5
-SIDES = ("direct", "grid", "tls", "tls_service", "tls_adaptive")
 SIDE_TITLES = {"direct": "in-process (client RMs called directly)",
                "grid": "Flower messages, in-process grid (no network)",
                "tls": "Flower deployment runtime, TLS on loopback, per-message ClientApp scores itself",
@@ -676,8 +675,8 @@ def bench_grpo_transport(clients: int = 3, *, steps: int = 3, repeats: int = 2, 
         if transport == "tls":
             result = _deployment_run(root / "deploy", names, kits, folders, spec, timeout_s=timeout_s,
                                      progress=progress)
-            # the same clients and folders again, each with its scoring service (sides: direct, tls),
-            # then again with the SuperNodes' adaptive poll; each ratio is to its own run's direct side
+            # the same clients and folders again, once per EXTRA_DEPLOYMENTS entry (sides: direct, tls);
+            # each ratio is to its own run's direct side
             result["extra_runs"] = {}
             for side, how in EXTRA_DEPLOYMENTS.items():
                 (root / f"server-{side}").mkdir()

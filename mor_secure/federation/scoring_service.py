@@ -263,6 +263,12 @@ def _try_send(conn: socket.socket, header: dict, body: bytes = b"") -> None:
         log.warning("could not send the reply to the relay: %s", exc)
 
 
+def _stop_on_signals(stop) -> None:
+    """Call ``stop()`` on SIGTERM or SIGINT (the serving loop then ends after its current request)."""
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stop())
+    signal.signal(signal.SIGINT, lambda _signum, _frame: stop())
+
+
 def run_service(folder: Path, kit_dir: Path | None = None, socket_path: Path | None = None,
                 runtime_api: str | None = None, auth_secret_file: Path | None = None) -> int:
     """``mor-secure client serve``: serve until SIGTERM or SIGINT; 0 on a clean stop.
@@ -280,12 +286,7 @@ def run_service(folder: Path, kit_dir: Path | None = None, socket_path: Path | N
             auth_secret_file = Path(folder) / EXECUTOR_SECRET  # written by `mor-secure client init`
         return _run_executor(ScoringService(folder, kit_dir, socket_path), runtime_api, auth_secret_file)
     service = ScoringService(folder, kit_dir, socket_path).bind()
-
-    def stop(_signum, _frame) -> None:
-        service.stop()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    _stop_on_signals(service.stop)
     print(f"client {service.node.name}: scoring service on {service.path} "
           f"(SuperNode --node-config: scorer-socket=\"{service.path}\"); stop with Ctrl-C or SIGTERM", flush=True)
     service.serve()
@@ -307,12 +308,7 @@ def _run_executor(service: ScoringService, runtime_api: str, auth_secret_file: P
             raise ConfigError(f"--superexec-auth-secret-file {auth_secret_file} is empty; give the same non-empty "
                               f"file as the SuperNode's --superexec-auth-secret-file")
     executor = RuntimeExecutor(runtime_api, service.answer, auth_secret=secret)
-
-    def stop(_signum, _frame) -> None:
-        executor.stop()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    _stop_on_signals(executor.stop)
     print(f"client {service.node.name}: ClientApp executor for the SuperNode's Runtime API at {runtime_api} "
           f"(start the SuperNode with --isolation process); stop with Ctrl-C or SIGTERM", flush=True)
     try:
