@@ -10,6 +10,7 @@
   mor-secure bench ckks [--clients 3,16] [--steps S]             CKKS aggregation cost per GRPO step
   mor-secure bench perf [--repeats N] [--clients 3,...,64] [--quick]  DP-SGD, Flower and scaling ratios
   mor-secure bench alignment [--tracks ...] [--seeds N] [--methods ...]  MoR against the baselines
+  mor-secure bench device [--device cuda] [--size base]          real-size models on a GPU: RM and GRPO steps
   mor-secure audit privacy CONFIG [--out JSON]                   one-run canary audit: epsilon lower bounds
 """
 
@@ -231,6 +232,42 @@ def cmd_bench_perf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_device(args: argparse.Namespace) -> int:
+    from mor_secure.bench import device
+    from mor_secure.bench.markdown import default_out
+
+    repo_bench = default_out().parent / "benchmarks"
+    out = Path(args.out) if args.out else (None if args.quick else default_out())
+    results = Path(args.results) if args.results else (None if args.quick else repo_bench / "device_results.json")
+    perf_results = Path(args.perf_results) if args.perf_results else repo_bench / "perf_results.json"
+    if args.report_only:
+        if results is None:
+            raise ConfigError("--report-only needs --results (--quick keeps no results file)")
+        print(device.report(results, out, perf_results))
+        if out is not None:
+            print(f"written: section '{device.SECTION}' of {out} from {results}")
+        return 0
+    if args.quick:
+        kwargs = device.quick_kwargs()
+    else:
+        kwargs = {"size": args.size, "image_size": args.image_size, "batch_size": args.batch_size,
+                  "steps": args.steps, "repeats": args.repeats,
+                  "modes": tuple(m for m in args.modes.split(",") if m),
+                  "grpo": {"steps": args.grpo_steps, "prompts_per_step": args.prompts_per_step,
+                           "num_generations": args.num_generations}}
+    defaults = vars(build_parser().parse_args(["bench", "device"]))
+    skip = ("func", "no_progress", "out", "results", "perf_results")
+    given = [(k, v) for k, v in vars(args).items() if k in defaults and k not in skip and v != defaults[k]]
+    command = " ".join(["mor-secure bench device", *(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                                                      for k, v in given)])
+    _, body = device.run(command=command, out=out, results=results, perf_results=perf_results,
+                         progress=not args.no_progress, device=args.device, **kwargs)
+    print(body)
+    if out is not None:
+        print(f"written: section '{device.SECTION}' of {out}")
+    return 0
+
+
 def cmd_bench_alignment(args: argparse.Namespace) -> int:
     from mor_secure.bench import alignment
     from mor_secure.bench.perf import default_out
@@ -425,6 +462,30 @@ def build_parser() -> argparse.ArgumentParser:
                           help="only rebuild the section and plots from the results JSON")
     bench_al.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench_al.set_defaults(func=cmd_bench_alignment)
+    bench_dev = bench.add_parser("device", help="real-size models (about 1.2B parameters) on a GPU: DP-SGD vs "
+                                 "non-private RM step, GRPO step with three client RMs")
+    bench_dev.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (with --size tiny: a smoke run)")
+    bench_dev.add_argument("--size", default="base", help="model size preset (base: about 1.2B parameters)")
+    bench_dev.add_argument("--image-size", type=int, default=128,
+                           help="image side in pixels (128: 256 image tokens for LLaVA and PaliGemma)")
+    bench_dev.add_argument("--batch-size", type=int, default=16, help="(a) pairs per RM step")
+    bench_dev.add_argument("--steps", type=int, default=4, help="(a) RM steps per run (at least 3)")
+    bench_dev.add_argument("--repeats", type=int, default=2, help="(a) runs per mode")
+    bench_dev.add_argument("--modes", default="hooks,functorch", help="(a) Opacus grad-sample modes")
+    bench_dev.add_argument("--grpo-steps", type=int, default=4, help="(b) GRPO steps (at least 3)")
+    bench_dev.add_argument("--prompts-per-step", type=int, default=4, help="(b) prompts per GRPO step")
+    bench_dev.add_argument("--num-generations", type=int, default=8, help="(b) samples per prompt")
+    bench_dev.add_argument("--quick", action="store_true",
+                           help="tiny sizes, seconds (smoke); writes only with an explicit --out")
+    bench_dev.add_argument("--results", help="JSON of the measured numbers (default: benchmarks/device_results.json)")
+    bench_dev.add_argument("--perf-results", help="bench perf's results, for the transport estimate "
+                           "(default: benchmarks/perf_results.json)")
+    bench_dev.add_argument("--report-only", action="store_true",
+                           help="only render the section again from --results (no measurement)")
+    bench_dev.add_argument("--out", help="BENCHMARKS.md whose 'device' section is replaced "
+                           "(default: the repository's BENCHMARKS.md)")
+    bench_dev.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bench_dev.set_defaults(func=cmd_bench_device)
 
     audit = sub.add_parser("audit", help="privacy audits").add_subparsers(dest="audit_cmd", required=True)
     audit_privacy = audit.add_parser("privacy", help="one-run canary audit of DP-SGD reward-model training "

@@ -115,7 +115,7 @@ def run_grpo(policy: VLM, dataset: Dataset, reward: MixtureReward, cfg: GrpoSect
     """
     args = GRPOConfig(
         output_dir=str(out_dir),
-        use_cpu=True,
+        use_cpu=policy.model.device.type == "cpu",  # a policy moved to a GPU trains there
         bf16=False,
         fp16=False,
         gradient_checkpointing=False,

@@ -33,7 +33,10 @@ def prompt_texts(vlm: VLM, questions: Sequence[str]) -> list[str]:
 
 
 def _batch(vlm: VLM, images: Sequence[Image.Image], texts: Sequence[str]) -> dict[str, torch.Tensor]:
-    return dict(vlm.processor(images=list(images), text=list(texts), padding=True, return_tensors="pt"))
+    """The processor's tensors, on the device of the model's weights (a GPU where it was moved)."""
+    device = vlm.model.device
+    return {k: v.to(device) for k, v in
+            vlm.processor(images=list(images), text=list(texts), padding=True, return_tensors="pt").items()}
 
 
 def warmup(vlm: VLM, images: Sequence[Image.Image], families: Sequence[str], *, epochs: int, lr: float,
@@ -94,7 +97,7 @@ def generate_answers(vlm: VLM, images: Sequence[Image.Image], questions: Sequenc
             # a generated image token would break the VLM's image-feature merge
             suppress_tokens=[image_token] if image_token is not None else None,
         )
-        out += tok.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        out += tok.batch_decode(gen[:, batch["input_ids"].shape[1]:].cpu(), skip_special_tokens=True)
     return [s.strip() for s in out]
 
 
@@ -116,7 +119,7 @@ def prompt_features(vlm: VLM, images: Sequence[Image.Image], questions: Sequence
         if image_token is not None:
             keep &= batch["input_ids"] != image_token
         mask = keep.unsqueeze(-1).to(hidden.dtype)
-        feats.append((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0))
+        feats.append(((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)).float().cpu())
     return torch.cat(feats) if feats else torch.zeros(0, vlm.hidden_size)
 
 

@@ -1376,7 +1376,7 @@ def write_report(results: dict, out: Path | str, plots_dir: Path | str, *, full_
     import datetime as dt
 
     from mor_secure.bench.markdown import update_section
-    from mor_secure.deploy.bench import machine
+    from mor_secure.bench.markdown import machine
 
     out = Path(out)
     files = plot_all(results, Path(plots_dir))

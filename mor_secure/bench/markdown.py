@@ -9,6 +9,7 @@ a half-written BENCHMARKS.md.
 from __future__ import annotations
 
 import os
+import platform
 import re
 from pathlib import Path
 
@@ -44,3 +45,18 @@ def read_section(path: Path | str, name: str) -> str | None:
     start, end = _markers(name)
     m = re.search(re.escape(start) + r"\n(.*?)\n" + re.escape(end), Path(path).read_text(), re.S)
     return m.group(1) if m else None
+
+
+def machine() -> str:
+    """A one-line description of this machine (every section states where it was measured)."""
+    import torch
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} " \
+           f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def default_out() -> Path:
+    """The repository's BENCHMARKS.md (this package's parent folder when it holds pyproject.toml),
+    else ./BENCHMARKS.md."""
+    repo = Path(__file__).resolve().parents[2]
+    return repo / "BENCHMARKS.md" if (repo / "pyproject.toml").is_file() else Path.cwd() / "BENCHMARKS.md"

@@ -36,6 +36,7 @@ of the machine other users' processes took (and the hypervisor's steal time).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import shutil
@@ -55,6 +56,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mor_secure.bench.calibration import dpsgd_plans_once
+from mor_secure.bench.markdown import default_out  # noqa: F401 - the CLI's bench commands use it from here too
+from mor_secure.bench.timing import TimedReward, client_rm, median, ratios, train_once
 from mor_secure.config import GrpoSection, RunConfig, parse_config
 from mor_secure.errors import ConfigError
 
@@ -76,8 +79,7 @@ EXTRA_DEPLOYMENTS = {"tls_service": {"service": True, "adaptive_poll": False},
                      "tls_executor": {"service": True, "adaptive_poll": True, "executor": True}}
 
 
-def _median(xs: Sequence[float]) -> float:
-    return float(statistics.median(xs)) if xs else float("nan")
+
 
 
 def client_config(k: int, *, pairs: int, batch_size: int, lora_r: int, epochs: int = 1,
@@ -182,33 +184,6 @@ class LoadMonitor:
 
 
 # -- (a) DP-SGD step time ---------------------------------------------------------------------------
-def _train_once(node, pairs: list[dict], *, dp: bool, mode: str, settings_base) -> dict:
-    """One real ``train_reward_model`` run; per-step times from a forward pre-hook on the RM."""
-    from dataclasses import replace
-
-    from mor_secure.rewards.reward_model import LORA_TARGETS, VISION_LORA_TARGETS, RewardModel
-    from mor_secure.rewards.train import train_reward_model
-
-    t = node.config.training
-    rm = RewardModel(node.build_backbone(), lora_r=t.lora_r, seed=node.setup.seed,
-                     lora_targets=VISION_LORA_TARGETS if t.lora_vision else LORA_TARGETS)
-    forwards: list[tuple[float, float]] = []
-    forward_cpu: list[float] = []  # CPU time of each forward pass
-    rm.register_forward_pre_hook(lambda _m, _a: forwards.append((time.perf_counter(), time.thread_time())))
-    rm.register_forward_hook(lambda _m, _a, _o: forward_cpu.append(time.thread_time() - forwards[-1][1]))
-    settings = replace(settings_base, dp=dp, grad_sample_mode=mode)
-    result = train_reward_model(rm, pairs, settings, authorize=lambda _event: None, progress=False)
-    starts = np.asarray(forwards[::2])  # two forward passes per step: chosen, rejected
-    if len(forwards) != 2 * result.steps:
-        raise RuntimeError(f"{len(forwards)} forward passes for {result.steps} steps (an empty Poisson batch?)")
-    wall, cpu = np.diff(starts[:, 0])[1:], np.diff(starts[:, 1])[1:]  # the first step (caches) is left out
-    fwd = (np.asarray(forward_cpu[0::2]) + np.asarray(forward_cpu[1::2]))[1:-1]  # both passes, steps timed
-    return {"step_s": _median(wall.tolist()), "step_cpu_s": _median(cpu.tolist()), "intervals": wall.tolist(),
-            "forward_cpu_s": _median(fwd.tolist()), "rest_cpu_s": _median((cpu - fwd).tolist()),
-            "cpu_intervals": cpu.tolist(), "steps": result.steps,
-            "loss_last": result.losses[-1] if result.losses else float("nan")}
-
-
 def bench_dpsgd(families: Sequence[str] = FAMILIES, modes: Sequence[str] = GRAD_SAMPLE_MODES, *,
                 batch_size: int = 128, steps: int = 4, repeats: int = 3, lora_r: int = 16,
                 progress: bool = True) -> dict:
@@ -267,7 +242,8 @@ def bench_dpsgd(families: Sequence[str] = FAMILIES, modes: Sequence[str] = GRAD_
                         bar.set_postfix_str(f"{fam} {name}")
                         try:
                             runs[fam].setdefault(name, []).append(
-                                _train_once(node, data[fam], dp=dp, mode=mode, settings_base=base))
+                                train_once(functools.partial(client_rm, node), data[fam], dp=dp, mode=mode,
+                                            settings_base=base))
                         except Exception as exc:  # noqa: BLE001 - a mode that fails is a result
                             if name == "none":
                                 raise
@@ -279,16 +255,16 @@ def bench_dpsgd(families: Sequence[str] = FAMILIES, modes: Sequence[str] = GRAD_
             bar.update(total - bar.n)  # the runs of modes that failed
     for fam in families:
         none = runs[fam]["none"]
-        row = {"none_s": _median([r["step_s"] for r in none]), "none_cpu_s": _median([r["step_cpu_s"] for r in none]),
-               "none_forward_cpu_s": _median([r["forward_cpu_s"] for r in none]),
-               "none_rest_cpu_s": _median([r["rest_cpu_s"] for r in none]), "modes": {}, **shapes[fam]}
+        row = {"none_s": median([r["step_s"] for r in none]), "none_cpu_s": median([r["step_cpu_s"] for r in none]),
+               "none_forward_cpu_s": median([r["forward_cpu_s"] for r in none]),
+               "none_rest_cpu_s": median([r["rest_cpu_s"] for r in none]), "modes": {}, **shapes[fam]}
         for mode in working:
             rs = runs[fam].get(mode, [])
-            m = {"step_s": _median([r["step_s"] for r in rs]), "step_cpu_s": _median([r["step_cpu_s"] for r in rs]),
+            m = {"step_s": median([r["step_s"] for r in rs]), "step_cpu_s": median([r["step_cpu_s"] for r in rs]),
                  "ratio_by_repeat": [r["step_s"] / n["step_s"] for r, n in zip(rs, none)],
                  "ratio_cpu_by_repeat": [r["step_cpu_s"] / n["step_cpu_s"] for r, n in zip(rs, none)],
-                 "forward_cpu_s": _median([r["forward_cpu_s"] for r in rs]),
-                 "rest_cpu_s": _median([r["rest_cpu_s"] for r in rs])}
+                 "forward_cpu_s": median([r["forward_cpu_s"] for r in rs]),
+                 "rest_cpu_s": median([r["rest_cpu_s"] for r in rs])}
             m["ratio"], m["ratio_cpu"] = m["step_s"] / row["none_s"], m["step_cpu_s"] / row["none_cpu_s"]
             row["modes"][mode] = m
         if row["modes"]:
@@ -301,28 +277,6 @@ def bench_dpsgd(families: Sequence[str] = FAMILIES, modes: Sequence[str] = GRAD_
 
 
 # -- (b) GRPO step: rewards through Flower vs in-process -------------------------------------------
-@dataclass
-class _TimedReward:
-    """The GRPO reward, timed per call (TRL names the reward column after ``__name__``)."""
-
-    inner: Callable
-    starts: list[float]
-    seconds: list[float]
-    on_call: Callable[[], None] | None = None
-    cpu_starts: list[float] = field(default_factory=list)
-    __name__ = "mixture_reward"
-
-    def __call__(self, *args, **kwargs):
-        start = time.perf_counter()
-        self.cpu_starts.append(time.thread_time())
-        out = self.inner(*args, **kwargs)
-        self.starts.append(start)
-        self.seconds.append(time.perf_counter() - start)
-        if self.on_call is not None:
-            self.on_call()
-        return out
-
-
 def _direct_scorer(nodes: dict, order: list[str], run_id: str):
     """The same clients' releases without any transport: ``ClientNode.score`` called in turn."""
     from mor_secure.federation import protocol as P
@@ -423,7 +377,7 @@ def grpo_sides(spec: dict, grid=None, progress_path: Path | None = None) -> dict
     # an untimed warm-up run (the process's first GRPO run pays one-off costs: imports, caches)
     warm = copy.deepcopy(policy0)
     warm.model.config._name_or_path = str(root / "policy")
-    run_grpo(warm, dataset, _TimedReward(MixtureReward(scorers["direct"], router, feats, images, questions), [], []),
+    run_grpo(warm, dataset, TimedReward(MixtureReward(scorers["direct"], router, feats, images, questions), [], []),
              GrpoSection(steps=2, prompts_per_step=2, num_generations=2, max_completion_length=1),
              out_dir=root / "trainer-warmup", seed=0, progress=False)
     runs: dict[str, list[dict]] = {s: [] for s in sides}
@@ -435,20 +389,20 @@ def grpo_sides(spec: dict, grid=None, progress_path: Path | None = None) -> dict
                 settled.append(_settle())
             policy = copy.deepcopy(policy0)
             policy.model.config._name_or_path = str(root / "policy")
-            timed = _TimedReward(MixtureReward(scorers[side], router, feats, images, questions), [], [], tick)
+            timed = TimedReward(MixtureReward(scorers[side], router, feats, images, questions), [], [], tick)
             torch.manual_seed(0)
             t0 = time.perf_counter()
             run_grpo(policy, dataset, timed, gcfg, out_dir=root / f"trainer-{side}", seed=0, progress=False)
             steps = np.diff(timed.starts).tolist()
-            runs[side].append({"step_s": _median(steps), "steps_s": steps, "reward_s": _median(timed.seconds),
-                               "step_cpu_s": _median(np.diff(timed.cpu_starts).tolist()),
+            runs[side].append({"step_s": median(steps), "steps_s": steps, "reward_s": median(timed.seconds),
+                               "step_cpu_s": median(np.diff(timed.cpu_starts).tolist()),
                                "rewards_s": timed.seconds, "run_s": time.perf_counter() - t0})
     out = {"sides": {}, "order_by_repeat": [sides[r % len(sides):] + sides[:r % len(sides)]
                                             for r in range(spec["repeats"])], "settle_s": settled}
     for side, rs in runs.items():
-        out["sides"][side] = {"step_s": _median([r["step_s"] for r in rs]),
-                              "reward_s": _median([r["reward_s"] for r in rs]),
-                              "server_cpu_s": _median([r["step_cpu_s"] for r in rs]),
+        out["sides"][side] = {"step_s": median([r["step_s"] for r in rs]),
+                              "reward_s": median([r["reward_s"] for r in rs]),
+                              "server_cpu_s": median([r["step_cpu_s"] for r in rs]),
                               "runs": rs}
     base = runs["direct"]
     for side in sides:
@@ -631,9 +585,9 @@ def clientapp_cold_start(folder: Path, repeats: int = 2) -> dict:
             if res.returncode != 0:
                 raise RuntimeError(f"cold-start probe ({mode}) failed:\n{res.stderr[-2000:]}")
             parts.append([float(x) for x in res.stdout.split()[-3:]])
-        out[mode] = {"process_s": _median(walls), "process_cpu_s": _median(cpus),
-                     "runtime_import_s": _median([p[0] for p in parts]), "app_import_s": _median([p[1] for p in parts]),
-                     "node_s": _median([p[2] for p in parts])}
+        out[mode] = {"process_s": median(walls), "process_cpu_s": median(cpus),
+                     "runtime_import_s": median([p[0] for p in parts]), "app_import_s": median([p[1] for p in parts]),
+                     "node_s": median([p[2] for p in parts])}
     return out
 
 
@@ -859,9 +813,9 @@ def bench_round_scaling(counts: Sequence[int] = (3, 8, 16, 32, 64), *, repeats: 
     out["events"] = res["events"]
     out["rows"] = {}
     for k, rs in res["rows"].items():
-        out["rows"][k] = {"round_s": _median([r["round_s"] for r in rs]), "rounds_s": [r["round_s"] for r in rs],
-                          "bytes_down": _median([r["bytes_down"] for r in rs]),
-                          "bytes_up": _median([r["bytes_up"] for r in rs]),
+        out["rows"][k] = {"round_s": median([r["round_s"] for r in rs]), "rounds_s": [r["round_s"] for r in rs],
+                          "bytes_down": median([r["bytes_down"] for r in rs]),
+                          "bytes_up": median([r["bytes_up"] for r in rs]),
                           "answered": min(r["answered"] for r in rs)}
         out["rows"][k]["per_client_s"] = out["rows"][k]["round_s"] / k
     return out
@@ -879,8 +833,7 @@ def bench_perf(*, dpsgd: dict | None = None, grpo: dict | None = None, rounds: d
     return result
 
 
-def _ratios(xs: Sequence[float]) -> str:
-    return ", ".join(f"{x:.2f}" for x in xs)
+
 
 
 def _bytes(n: float) -> str:
@@ -967,8 +920,9 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
               + f"); the clients' processes start at the same time on {cpus} shared CPUs.", ""]
     extra = s[best_side]["reward_extra_s"]
     lines.append(f"This extra time is fixed per step, whatever the step's size: the ratio reaches {TARGET_RATIO}x "
-                 f"for GRPO steps that take over {extra / (TARGET_RATIO - 1):.1f} s in-process (how long a "
-                 f"real-size VLM's step takes was not measured here). At the demo's step size "
+                 f"for GRPO steps that take over {extra / (TARGET_RATIO - 1):.1f} s in-process (`mor-secure bench "
+                 f"device` times real-size steps on a GPU: section 'Real-size models on a GPU'). At the demo's step "
+                 f"size "
                  f"({direct['step_s']:.2f} s here), what remains "
                  + ("is the round trip itself: the server's message through the SuperLink, the SuperNode and its "
                     "Runtime API to the service and back, with the polls between them."
@@ -990,7 +944,7 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
 
 def render(result: dict, command: str, date: str, machine_line: str | None = None) -> str:
     """The body of BENCHMARKS.md's ``perf`` section for ``result``."""
-    from mor_secure.deploy.bench import machine
+    from mor_secure.bench.markdown import machine
 
     a, b, c, load = result["dpsgd"], result["grpo"], result["rounds"], result["load"]
     cpus = os.cpu_count() or 1
@@ -1028,8 +982,8 @@ def render(result: dict, command: str, date: str, machine_line: str | None = Non
               "|---|---|---|---|" + "---|---|---|" * len(a["working_modes"]) + "---|"]
     for fam, row in a["families"].items():
         cells = [f"{row['modes'][m]['step_cpu_s']:.3f} | **{row['modes'][m]['ratio_cpu']:.2f}x** "
-                 f"({_ratios(row['modes'][m]['ratio_cpu_by_repeat'])}) | {row['modes'][m]['ratio']:.2f}x "
-                 f"({_ratios(row['modes'][m]['ratio_by_repeat'])})" for m in a["working_modes"]]
+                 f"({ratios(row['modes'][m]['ratio_cpu_by_repeat'])}) | {row['modes'][m]['ratio']:.2f}x "
+                 f"({ratios(row['modes'][m]['ratio_by_repeat'])})" for m in a["working_modes"]]
         best_cell = f"{row['best_mode']} {row['best_ratio']:.2f}x" if "best_mode" in row else "-"
         lines.append(f"| {fam} | {row['trainable_params']:,} | {row['tokens']} | {row['none_cpu_s']:.3f} "
                      f"({row['none_s']:.3f}) | " + " | ".join(cells) + f" | {best_cell} |")
@@ -1080,7 +1034,7 @@ def render(result: dict, command: str, date: str, machine_line: str | None = Non
             extra_run = b.get("extra_runs", {}).get(side)
             own = f" (its own in-process side: {extra_run['direct']['step_s']:.3f} s)" if extra_run else ""
             lines.append(f"| {SIDE_TITLES[side]} | {s[side]['step_s']:.3f} | {s[side]['reward_s']:.3f} | "
-                         f"**{s[side]['ratio']:.2f}x** ({_ratios(s[side]['ratio_by_repeat'])}){own} | "
+                         f"**{s[side]['ratio']:.2f}x** ({ratios(s[side]['ratio_by_repeat'])}){own} | "
                          f"{s[side]['server_cpu_s']:.3f}{' (clients in their own processes)' if side != 'grid' else ''} |")
     lines += ["", "Wall-clock times: polling and process starts are waits, which CPU time does not show. Server CPU is "
               "the CPU time of the thread running GRPO (in-process and in-process grid: the clients' scoring too). "
@@ -1107,7 +1061,7 @@ def render(result: dict, command: str, date: str, machine_line: str | None = Non
               "| clients | round (s) | per client (s) | rounds (s) | bytes server -> clients | bytes clients -> server "
               "| answered |", "|---|---|---|---|---|---|---|"]
     for k, row in sorted(c["rows"].items(), key=lambda kv: int(kv[0])):
-        lines.append(f"| {k} | {row['round_s']:.2f} | {row['per_client_s']:.3f} | {_ratios(row['rounds_s'])} | "
+        lines.append(f"| {k} | {row['round_s']:.2f} | {row['per_client_s']:.3f} | {ratios(row['rounds_s'])} | "
                      f"{_bytes(row['bytes_down'])} | {_bytes(row['bytes_up'])} | {row['answered']}/{k} |")
     kmax = c["counts"][-1]
     done = c["rows"][kmax]["answered"] == kmax
@@ -1146,7 +1100,7 @@ def run(*, command: str, out: Path | str | None, dpsgd: dict | None = None, grpo
     section can be rendered again from them (``report``)."""
     import datetime as dt
 
-    from mor_secure.deploy.bench import machine
+    from mor_secure.bench.markdown import machine
 
     result = bench_perf(dpsgd=dpsgd, grpo=grpo, rounds=rounds, progress=progress)
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -1173,10 +1127,3 @@ def report(results: Path | str, out: Path | str | None) -> str:
     if out is not None:
         write_section(out, body)
     return body
-
-
-def default_out() -> Path:
-    """The repository's BENCHMARKS.md (this package's parent folder when it holds pyproject.toml),
-    else ./BENCHMARKS.md."""
-    repo = Path(__file__).resolve().parents[2]
-    return repo / "BENCHMARKS.md" if (repo / "pyproject.toml").is_file() else Path.cwd() / "BENCHMARKS.md"

@@ -24,7 +24,6 @@ they score in parallel, so the per-client encryption time (reported) overlaps in
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -41,6 +40,7 @@ from mor_secure.alignment.policy import prompt_features
 from mor_secure.config import GrpoSection, RunConfig, parse_config
 from mor_secure.crypto import ckks
 from mor_secure.crypto.provision import load_server_kit, provision
+from mor_secure.bench.markdown import machine
 from mor_secure.data import make_server_sets, vocabulary
 from mor_secure.deploy import inproc
 from mor_secure.deploy.client_init import init_client_folder
@@ -308,14 +308,6 @@ def bench_ckks(counts: tuple[int, ...] = (3, 16), steps: int = 4, repeats: int =
                                                         _medians(r["steps"]["none"])["cpu_step_s"]) for r in runs],
                      "load_avg": [r["load_avg"] for r in runs]})
     return rows
-
-
-def machine() -> str:
-    """A one-line description of this machine."""
-    import os
-
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} " \
-           f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}"
 
 
 TITLE = "CKKS aggregation per GRPO step"

@@ -52,11 +52,16 @@ class SizePreset:
     text_hidden: int
     text_layers: int
     heads: int
+    vision_heads: int = 2
 
 
 SIZES: dict[str, SizePreset] = {
     "tiny": SizePreset(vision_hidden=32, vision_layers=2, text_hidden=64, text_layers=2, heads=4),
     "small": SizePreset(vision_hidden=64, vision_layers=2, text_hidden=128, text_layers=3, heads=4),
+    # real size, for a GPU (``mor-secure bench device``): a ViT-L-sized vision tower (1024 x 24) and a
+    # 2048 x 24 language model, about 1.2 billion parameters, the scale of public 1-2B VLMs
+    "base": SizePreset(vision_hidden=1024, vision_layers=24, text_hidden=2048, text_layers=24, heads=16,
+                       vision_heads=16),
 }
 
 
@@ -65,13 +70,14 @@ def _vision(size: SizePreset, image_size: int) -> dict[str, Any]:
         hidden_size=size.vision_hidden,
         intermediate_size=2 * size.vision_hidden,
         num_hidden_layers=size.vision_layers,
-        num_attention_heads=2,
+        num_attention_heads=size.vision_heads,
         image_size=image_size,
         patch_size=PATCH_SIZE,
     )
 
 
-def _text(size: SizePreset, vocab_size: int, tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
+def _text(size: SizePreset, vocab_size: int, tokenizer: PreTrainedTokenizerFast,
+          image_size: int = 32) -> dict[str, Any]:
     return dict(
         vocab_size=vocab_size,
         hidden_size=size.text_hidden,
@@ -82,7 +88,8 @@ def _text(size: SizePreset, vocab_size: int, tokenizer: PreTrainedTokenizerFast)
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        max_position_embeddings=256,
+        # the image's tokens sit in the language model's sequence (one per patch at most)
+        max_position_embeddings=max(256, (image_size // PATCH_SIZE) ** 2 + 128),
     )
 
 
@@ -104,7 +111,7 @@ class Family:
 def _llava_config(size, vocab_size, tok, image_size):
     return LlavaConfig(
         vision_config={"model_type": "clip_vision_model", **_vision(size, image_size)},
-        text_config={"model_type": "llama", **_text(size, vocab_size, tok)},
+        text_config={"model_type": "llama", **_text(size, vocab_size, tok, image_size)},
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default",  # drops CLS so token counts match
         vision_feature_layer=-1,
@@ -129,7 +136,7 @@ def _llava_processor(image_processor, tok, image_size):
 def _idefics3_config(size, vocab_size, tok, image_size):
     return Idefics3Config(
         vision_config=_vision(size, image_size),
-        text_config={"model_type": "llama", **_text(size, vocab_size, tok)},
+        text_config={"model_type": "llama", **_text(size, vocab_size, tok, image_size)},
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         scale_factor=2,
     )
@@ -146,7 +153,7 @@ def _idefics3_processor(image_processor, tok, image_size):
 
 
 def _paligemma_config(size, vocab_size, tok, image_size):
-    text = _text(size, vocab_size, tok)
+    text = _text(size, vocab_size, tok, image_size)
     text.update(num_key_value_heads=1, head_dim=size.text_hidden // size.heads)
     return PaliGemmaConfig(
         vision_config={"model_type": "siglip_vision_model", **_vision(size, image_size)},
@@ -224,8 +231,9 @@ class VLM:
 
 
 def build_vlm(family: str, vocabulary: Sequence[str], *, size: str = "tiny", image_size: int = 32,
-              seed: int = 0) -> VLM:
-    """A randomly initialised VLM of ``family`` over the benchmark ``vocabulary``."""
+              seed: int = 0, device: str | torch.device = "cpu") -> VLM:
+    """A randomly initialised VLM of ``family`` over the benchmark ``vocabulary``, its weights
+    created on ``device`` (a real-size model is built on a GPU directly, not copied there)."""
     fam = get_family(family)
     if size not in SIZES:
         raise ConfigError(f"model.size must be one of {sorted(SIZES)}. Found {size!r}.")
@@ -234,7 +242,8 @@ def build_vlm(family: str, vocabulary: Sequence[str], *, size: str = "tiny", ima
     tok = build_tokenizer(vocabulary)
     config = fam.build_config(SIZES[size], len(tok), tok, image_size)
     torch.manual_seed(seed)
-    model = fam.model_cls(config)
+    with torch.device(device):
+        model = fam.model_cls(config)
     model.eval()
     return VLM(model=model, processor=fam.build_processor(None, tok, image_size), family=fam)
 

@@ -70,12 +70,19 @@ class RewardModel(nn.Module):
               batch_size: int = 64) -> torch.Tensor:
         """Raw (unclipped, un-noised) rewards, one per (image, question, response)."""
         self.eval()
+        device = self.device
         out = []
         for start in range(0, len(images), batch_size):
             stop = start + batch_size
             texts = [f"{q} {r}" for q, r in zip(questions[start:stop], responses[start:stop])]
-            out.append(self(**self.vlm.encode(images[start:stop], texts)))
+            inputs = {k: v.to(device) for k, v in self.vlm.encode(images[start:stop], texts).items()}
+            out.append(self(**inputs).float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (``rm.to("cuda")`` moves it; scoring and training follow)."""
+        return self.head.weight.device
 
     def save(self, path: Path) -> None:
         """Save architecture, processor and all weights (backbone, LoRA, head) to a client-local folder."""

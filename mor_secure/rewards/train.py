@@ -106,7 +106,7 @@ def _noise_only_step(optimizer: torch.optim.Optimizer, params: Sequence[torch.nn
     does: skipping it would reveal that no record was sampled."""
     optimizer.zero_grad(set_to_none=True)
     for p in params:
-        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     optimizer.step()
 
 
@@ -152,6 +152,7 @@ def train_reward_model(
             grad_sample_mode=settings.grad_sample_mode,
         )
     result = TrainResult(steps=0, event=event)
+    device = rm.device  # batches are encoded on the CPU and follow the model (a GPU where it was moved)
     model.train()
     total = settings.epochs * len(loader)
     with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
@@ -163,7 +164,7 @@ def train_reward_model(
                         _noise_only_step(optimizer, rm.trainable_parameters())
                         result.steps += 1
                     continue
-                chosen, rejected = data.split(batch)
+                chosen, rejected = data.split([t.to(device) for t in batch])
                 loss = bradley_terry_loss(model(**chosen), model(**rejected))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
