@@ -284,7 +284,7 @@ def cmd_bench_alignment(args: argparse.Namespace) -> int:
                                                                              else "bench-alignment"),
         results=Path(args.results) if args.results else repo / "benchmarks" / (
             "alignment_results_quick.json" if args.quick else "alignment_results.json"),
-        fresh=args.fresh, progress=not args.no_progress)
+        fresh=args.fresh, progress=not args.no_progress, grpo_runs=args.grpo_runs)
     defaults = vars(build_parser().parse_args(["bench", "alignment"]))
     skip = ("func", "out", "results", "work_dir", "plots", "no_progress", "fresh", "report_only")
     given = [(k, v) for k, v in vars(args).items() if k in defaults and k not in skip and v != defaults[k]]
@@ -441,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "without DP and at every --epsilons), or single MoR rows such as mor:eps8, mor:nodp")
     bench_al.add_argument("--epsilons", default="1,4,8", help="client DP-SGD epsilons of the MoR rows")
     bench_al.add_argument("--grpo-steps", type=int, default=None, help="GRPO steps per method (default: the config's)")
+    bench_al.add_argument("--grpo-runs", type=int, default=1,
+                          help="GRPO runs per seed and method, each sampling with its own seed from the same base "
+                               "policy and reward models (a seed's accuracy is their mean; stored runs are kept and "
+                               "only the missing ones run)")
     bench_al.add_argument("--fedavg-rounds", type=int, default=5,
                           help="FedAvg rounds (the clients' epochs are split across them)")
     bench_al.add_argument("--shapes-config", default=None, help="config of the shapes track (default configs/demo.yaml)")

@@ -11,6 +11,7 @@ import pytest
 
 from mor_secure.bench.markdown import read_section, update_section
 from mor_secure.cli import main
+from mor_secure.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -62,3 +63,52 @@ def test_quick_bench_alignment_writes_table_section_and_plots(tmp_path):
     assert main(argv) == 0
     again = json.loads(results.read_text())["tracks"]["shapes-heldout"]["seeds"]["0"]
     assert {m: r["finished"] for m, r in again.items()} == stamps
+
+    # a second GRPO run of one method: only it runs; its seed's accuracy becomes the mean of both runs
+    argv2 = [a if a != ",".join(METHODS) else "uniform" for a in argv] + ["--grpo-runs", "2"]
+    assert main(argv2) == 0
+    twice = json.loads(results.read_text())["tracks"]["shapes-heldout"]["seeds"]["0"]
+    assert {m: r["finished"] for m, r in twice.items() if m != "uniform"} == \
+        {m: t for m, t in stamps.items() if m != "uniform"}
+    runs = twice["uniform"]["grpo_runs"]
+    assert [r["grpo_run"] for r in runs] == [0, 1]
+    assert runs[0]["accuracy"] == rows["uniform"]["accuracy"]  # the stored run is kept as run 0
+    for fam, v in twice["uniform"]["accuracy"].items():
+        assert v == pytest.approx((runs[0]["accuracy"][fam] + runs[1]["accuracy"][fam]) / 2)
+    section = read_section(out, "alignment")
+    assert "| method | seeds | GRPO runs |" in section
+    assert "| uniform mixture (no router) | 1 | 2 |" in section
+
+
+def test_grpo_runs_are_merged_and_legacy_rows_count_as_run_zero():
+    from mor_secure.bench.alignment import grpo_runs_of, merge_rows, missing_runs
+
+    legacy = {"accuracy": {"colour": 0.5, "mean": 0.4}, "reward_first": 1.0, "reward_last": 2.0, "kl_last": 0.1,
+              "grpo_steps": 4, "seconds": 10.0, "cpu_seconds": 9.0, "phases": {"GRPO": [8.0, 7.0]},
+              "router_weights": {"colour": {"a": 1.0}}}
+    rows = {"mor:eps8": legacy, "base": {"accuracy": {"colour": 0.25, "mean": 0.3}}}
+    assert missing_runs(rows, "mor:eps8", 3) == [1, 2]
+    assert missing_runs(rows, "base", 3) == [] and missing_runs({}, "base", 3) == [0]
+    assert missing_runs({}, "uniform", 2) == [0, 1]
+    assert grpo_runs_of(rows["base"]) == []
+    new = {"accuracy": {"colour": 0.9, "mean": 0.6}, "grpo_runs": [
+        {"grpo_run": 2, "accuracy": {"colour": 0.9, "mean": 0.6}, "reward_first": 0.0, "reward_last": 4.0,
+         "kl_last": 0.3, "grpo_steps": 4}], "seconds": 5.0, "cpu_seconds": 4.0, "phases": {"GRPO": [4.0, 3.5]},
+        "router_weights": {"colour": {"a": 0.5}}}
+    merged = merge_rows(legacy, new)
+    assert [r["grpo_run"] for r in merged["grpo_runs"]] == [0, 2]
+    assert merged["accuracy"] == {"colour": pytest.approx(0.7), "mean": pytest.approx(0.5)}
+    assert merged["reward_last"] == pytest.approx(3.0) and merged["seconds"] == 15.0
+    assert merged["phases"]["GRPO"] == [12.0, 10.5]
+    assert merged["router_weights"] == legacy["router_weights"]  # the stored row's own figures are kept
+    assert missing_runs({"mor:eps8": merged}, "mor:eps8", 3) == [1]
+
+
+def test_single_client_rows_can_be_named():
+    from mor_secure.bench.alignment import expand_methods
+
+    assert expand_methods(["mor:eps8", "single:b", "uniform"], ["a", "b"], [8.0], 8.0) == \
+        ["single:b", "uniform", "mor:eps8"]
+    assert expand_methods(["single"], ["a", "b"], [8.0], 8.0) == ["single:a", "single:b"]
+    with pytest.raises(ConfigError, match=r"\['single:z'\]: no such client; the clients are a, b"):
+        expand_methods(["single:z"], ["a", "b"], [8.0], 8.0)

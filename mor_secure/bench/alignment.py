@@ -85,6 +85,9 @@ ALL_TRACKS = ("shapes", "digits", "shapes-heldout", "digits-heldout")
 METHOD_KINDS = ("base", "single", "uniform", "fedavg", "centralized", "mor")
 DEFAULT_EPSILONS = (1.0, 4.0, 8.0)
 RESULTS_VERSION = 1
+# GRPO run g of a (seed, method) samples with seed + GRPO_SEED_STRIDE * g: run 0 is the seed itself,
+# so rows measured before runs were counted are run 0
+GRPO_SEED_STRIDE = 1000
 #: Part of every track's fingerprint: results measured by an older version of this code are measured again.
 BENCH_VERSION = 2
 #: Non-private reward models (MoR without DP, the centralized RM) train with Adam at this learning rate,
@@ -241,16 +244,22 @@ def client_config(cfg: RunConfig, setting: str, *, family: str | None = None) ->
 def expand_methods(kinds: Sequence[str], clients: Sequence[str], epsilons: Sequence[float],
                    ref_eps: float) -> list[str]:
     """Row ids in display order: base, single:<c>..., uniform, fedavg, centralized, mor:nodp, mor:eps<E>..."""
-    unknown = [k for k in kinds if k not in METHOD_KINDS and not k.startswith("mor:")]
+    unknown = [k for k in kinds if k not in METHOD_KINDS and not k.startswith(("mor:", "single:"))]
     if unknown:
-        raise ConfigError(f"unknown method(s) {unknown}; use {', '.join(METHOD_KINDS)} (or mor:nodp, mor:eps8)")
+        raise ConfigError(f"unknown method(s) {unknown}; use {', '.join(METHOD_KINDS)} (or mor:nodp, mor:eps8, "
+                          f"single:<client>)")
+    strangers = [k for k in kinds if k.startswith("single:") and k.split(":", 1)[1] not in clients]
+    if strangers:
+        raise ConfigError(f"method(s) {strangers}: no such client; the clients are {', '.join(clients)}")
     out: list[str] = []
     for kind in METHOD_KINDS:
+        if kind == "single":  # every client's row, or the ones named (single:hospital_a)
+            named = [k.split(":", 1)[1] for k in kinds if k.startswith("single:")]
+            out += [f"single:{c}" for c in clients if kind in kinds or c in named]
+            continue
         if kind not in kinds:
             continue
-        if kind == "single":
-            out += [f"single:{c}" for c in clients]
-        elif kind == "mor":
+        if kind == "mor":
             out += ["mor:nodp"] + [f"mor:{_eps_label(e)}" for e in sorted(epsilons)]
         else:
             out.append(kind)
@@ -614,30 +623,36 @@ class SeedRun:
         return out
 
     # -- GRPO and evaluation ------------------------------------------------------------------------
-    def align(self, method: str, scorer, router) -> dict:
+    def align(self, method: str, scorer, router, grpo_runs: Sequence[int] = (0,)) -> dict:
+        """GRPO from the base policy once per GRPO run index ``g`` (sampling seed ``seed + GRPO_SEED_STRIDE * g``;
+        run 0 uses the seed itself), each scored by the oracle; the row's accuracy is their mean."""
         from mor_secure.alignment.grpo import MixtureReward, build_dataset, run_grpo
 
-        policy = self.base_policy()
         images, questions = [r["image"] for r in self.public], [r["question"] for r in self.public]
-        reward = MixtureReward(scorer, router, self.features, images, questions)
         dataset = build_dataset(images, questions, [r["family"] for r in self.public])
-        out_dir = self.work / f"grpo-{method.replace(':', '-')}"
-        shutil.rmtree(out_dir, ignore_errors=True)
-        torch.set_num_threads(_threads())
-        with self.timed("GRPO"):
-            history = run_grpo(policy, dataset, reward, self.cfg.grpo, out_dir=out_dir, seed=self.seed,
-                               progress=self.progress)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        rewards = [h["reward"] for h in history]
-        k = max(1, len(rewards) // 10)
-        with self.timed("evaluation"):
-            accuracy = evaluate(policy, self.server["eval"], self.max_tokens)
-        return {"accuracy": accuracy, "grpo_steps": len(history),
-                "reward_first": float(np.mean(rewards[:k])) if rewards else None,
-                "reward_last": float(np.mean(rewards[-k:])) if rewards else None,
-                "kl_last": history[-1]["kl"] if history else None}
+        runs = []
+        for g in grpo_runs:
+            policy = self.base_policy()
+            reward = MixtureReward(scorer, router, self.features, images, questions)
+            out_dir = self.work / f"grpo-{method.replace(':', '-')}"
+            shutil.rmtree(out_dir, ignore_errors=True)
+            torch.set_num_threads(_threads())
+            with self.timed("GRPO"):
+                history = run_grpo(policy, dataset, reward, self.cfg.grpo, out_dir=out_dir,
+                                   seed=self.seed + GRPO_SEED_STRIDE * g, progress=self.progress)
+            shutil.rmtree(out_dir, ignore_errors=True)
+            rewards = [h["reward"] for h in history]
+            k = max(1, len(rewards) // 10)
+            with self.timed("evaluation"):
+                accuracy = evaluate(policy, self.server["eval"], self.max_tokens)
+            runs.append({"grpo_run": g, "accuracy": accuracy, "grpo_steps": len(history),
+                         "reward_first": float(np.mean(rewards[:k])) if rewards else None,
+                         "reward_last": float(np.mean(rewards[-k:])) if rewards else None,
+                         "kl_last": history[-1]["kl"] if history else None})
+        return with_runs({}, runs)
 
-    def run_method(self, method: str) -> dict:
+    def run_method(self, method: str, grpo_runs: Sequence[int] = (0,)) -> dict:
+        """One method's row; ``grpo_runs``: the GRPO runs to make (see :meth:`align`)."""
         ref = _eps_label(self.track.ref_epsilon)
         if method == "base":
             policy = self.base_policy()
@@ -649,7 +664,7 @@ class SeedRun:
             saved = channel.order
             channel.order = names
             try:
-                row = self.align(method, channel_scorer(channel), FixedRouter(names))
+                row = self.align(method, channel_scorer(channel), FixedRouter(names), grpo_runs)
             finally:
                 channel.order = saved
             return {**row, "epsilon": self.track.ref_epsilon}
@@ -664,18 +679,20 @@ class SeedRun:
                                                          progress=self.progress)
             torch.set_num_threads(_threads())
             weights = router_weights_by_family(router, self.reference, self.server["eval"])
-            row = self.align(method, channel_scorer(channel), router)
+            row = self.align(method, channel_scorer(channel), router, grpo_runs)
             return {**row, "router_weights": weights, "router_objective_accuracy": fit.accuracy,
                     "rm_accuracy": self.rm_accuracy(setting)}
         if method == "fedavg":
             rm, info = self.fedavg_rm(ref)
             c = self.cfg.clients[0].scores
-            row = self.align(method, local_scorer(rm, c.clip_bound, c.noise_std, self.seed), FixedRouter(["fedavg"]))
+            row = self.align(method, local_scorer(rm, c.clip_bound, c.noise_std, self.seed), FixedRouter(["fedavg"]),
+                             grpo_runs)
             return {**row, **info}
         if method == "centralized":
             rm, info = self.centralized_rm(ref)
             c = self.cfg.clients[0].scores
-            row = self.align(method, local_scorer(rm, c.clip_bound, 0.0, self.seed), FixedRouter(["centralized"]))
+            row = self.align(method, local_scorer(rm, c.clip_bound, 0.0, self.seed), FixedRouter(["centralized"]),
+                             grpo_runs)
             return {**row, **info}
         raise ConfigError(f"unknown method {method!r}")
 
@@ -765,6 +782,52 @@ class SeedRun:
             foreign_fraction=0.0, client_index=i, n_clients=len(cfg.clients))) for i, c in enumerate(cfg.clients)}
 
 
+def grpo_runs_of(row: dict) -> list[dict]:
+    """The row's GRPO runs; a row stored before runs were counted is its own run 0."""
+    if "grpo_runs" in row:
+        return list(row["grpo_runs"])
+    if "reward_first" not in row:  # no GRPO (the base policy)
+        return []
+    return [{"grpo_run": 0, **{k: row.get(k) for k in ("accuracy", "grpo_steps", "reward_first", "reward_last",
+                                                          "kl_last")}}]
+
+
+def with_runs(row: dict, runs: Sequence[dict]) -> dict:
+    """``row`` with ``runs`` (sorted by run index) and, from them, the mean accuracy per family and overall
+    and the mean reward and KL figures."""
+    runs = sorted(runs, key=lambda r: r["grpo_run"])
+    out = {**row, "grpo_runs": runs}
+    keys = list(runs[0]["accuracy"])
+    out["accuracy"] = {k: float(np.mean([r["accuracy"][k] for r in runs])) for k in keys}
+    for k in ("reward_first", "reward_last", "kl_last"):
+        vals = [r[k] for r in runs if r.get(k) is not None]
+        out[k] = float(np.mean(vals)) if vals else None
+    out["grpo_steps"] = runs[0].get("grpo_steps")
+    return out
+
+
+def missing_runs(rows: dict, method: str, n_runs: int) -> list[int]:
+    """The GRPO runs (indices below ``n_runs``) of ``method`` not yet in this seed's ``rows``; the base
+    policy has no GRPO and is measured once."""
+    if method == "base":
+        return [] if method in rows else [0]
+    have = {r["grpo_run"] for r in grpo_runs_of(rows[method])} if method in rows else set()
+    return [g for g in range(n_runs) if g not in have]
+
+
+def merge_rows(old: dict, new: dict) -> dict:
+    """A stored row and the further GRPO runs of the same (seed, method): runs joined, time added."""
+    merged = with_runs({**new, **old}, grpo_runs_of(old) + grpo_runs_of(new))
+    merged["seconds"] = round(old.get("seconds", 0.0) + new.get("seconds", 0.0), 1)
+    merged["cpu_seconds"] = round(old.get("cpu_seconds", 0.0) + new.get("cpu_seconds", 0.0), 1)
+    phases = {k: list(v) for k, v in old.get("phases", {}).items()}
+    for k, (w, c) in new.get("phases", {}).items():
+        pw, pc = phases.get(k, (0.0, 0.0))
+        phases[k] = [round(pw + w, 2), round(pc + c, 2)]
+    merged["phases"] = phases
+    return merged
+
+
 # -- the whole benchmark -----------------------------------------------------------------------------
 @dataclass
 class Options:
@@ -781,6 +844,7 @@ class Options:
     results: Path = Path("benchmarks/alignment_results.json")
     fresh: bool = False
     progress: bool = True
+    grpo_runs: int = 1  # GRPO runs per (seed, method), each with its own sampling seed
 
 
 def run_bench(opts: Options, *, command: str = "mor-secure bench alignment",
@@ -849,7 +913,7 @@ def _run_bench(opts: Options, command: str, on_row) -> dict:
         save_results(opts.results, results)
         for seed in range(opts.seeds):
             rows = entry["seeds"].setdefault(str(seed), {})
-            todo = [m for m in run_order(methods, track.ref_epsilon) if m not in rows]
+            todo = [m for m in run_order(methods, track.ref_epsilon) if missing_runs(rows, m, opts.grpo_runs)]
             if not todo:
                 continue
             base_dir = Path(opts.work_dir) / track.base / f"s{seed}" / "policy_base"
@@ -860,8 +924,9 @@ def _run_bench(opts: Options, command: str, on_row) -> dict:
                     start, cpu = time.perf_counter(), time.process_time()
                     run.phases = {}
                     failures = entry.setdefault("failed", {}).setdefault(str(seed), {})
+                    needed = missing_runs(rows, method, opts.grpo_runs)
                     try:
-                        row = run.run_method(method)
+                        row = run.run_method(method, needed)
                     except (KeyboardInterrupt, SystemExit):
                         raise
                     except Exception as exc:  # noqa: BLE001 - one method's failure must not lose the others
@@ -877,7 +942,7 @@ def _run_bench(opts: Options, command: str, on_row) -> dict:
                     row["cpu_seconds"] = round(time.process_time() - cpu, 1)
                     row["phases"] = dict(run.phases)
                     row["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-                    rows[method] = row
+                    rows[method] = merge_rows(rows[method], row) if method in rows else row
                     save_results(opts.results, results)
                     if on_row is not None:
                         on_row({"track": track.name, "seed": seed, "method": method, **row})
@@ -1005,6 +1070,11 @@ def summarise(entry: dict) -> dict[str, dict]:
         keys = list(entry["families"]) + ["mean"]
         out[m] = {k: _stat([r["accuracy"].get(k) for r in rows]) for k in keys}
         out[m]["_seeds"] = len(rows)
+        runs = [grpo_runs_of(r) for r in rows]
+        out[m]["_runs"] = sum(len(x) for x in runs)
+        # GRPO's own spread: the std of the overall accuracy over one seed's runs, averaged over seeds
+        spreads = [float(np.std([x["accuracy"]["mean"] for x in rs], ddof=1)) for rs in runs if len(rs) > 1]
+        out[m]["_grpo_spread"] = float(np.mean(spreads)) if spreads else None
         out[m]["_seconds"] = sum(r.get("seconds", 0.0) for r in rows)
     return out
 
@@ -1168,6 +1238,7 @@ def render(results: dict, *, full_command: str, date: str, machine: str, plots: 
         s = summarise(e)
         if not s:
             continue
+        multi = any(v["_runs"] > v["_seeds"] for v in s.values())
         fams = list(e["families"])
         owners = _owners(e)
         head = [f"{f}{' (held out)' if f in e['heldout'] else ''}" for f in fams]
@@ -1175,14 +1246,22 @@ def render(results: dict, *, full_command: str, date: str, machine: str, plots: 
                   "Clients: " + "; ".join(f"{n} ({c['model']}: {', '.join(c['families'])})"
                                          for n, c in e["clients"].items())
                   + (f". Held out from every client: {', '.join(e['heldout'])}." if e["heldout"] else "."),
-                  "", "Oracle accuracy (%) per family and overall (mean over families), mean ± std over seeds:", "",
-                  "| method | seeds | " + " | ".join(head) + " | overall |", "|---" * (len(fams) + 3) + "|"]
+                  "", "Oracle accuracy (%) per family and overall (mean over families), mean ± std over seeds"
+                  + (" (a seed's figure is the mean of its GRPO runs, each sampling with its own seed from the same "
+                     "base policy, reward models and router; the last column is the std of the overall accuracy "
+                     "between one seed's GRPO runs, averaged over seeds):" if multi else ":"), "",
+                  "| method | seeds | " + ("GRPO runs | " if multi else "") + " | ".join(head) + " | overall |"
+                  + (" GRPO-run spread |" if multi else ""),
+                  "|---" * (len(fams) + 3 + 2 * multi) + "|"]
         for m, row in s.items():
-            lines.append(f"| {method_label(m)} | {row['_seeds']} | " + " | ".join(_pct(*row[f]) for f in fams)
-                         + f" | **{_pct(*row['mean'])}** |")
+            spread = row["_grpo_spread"]
+            lines.append(f"| {method_label(m)} | {row['_seeds']} | " + (f"{row['_runs']} | " if multi else "")
+                         + " | ".join(_pct(*row[f]) for f in fams) + f" | **{_pct(*row['mean'])}** |"
+                         + ((f" {100 * spread:.1f} |" if spread is not None else " |") if multi else ""))
         chance = [1.0 / len(get_family(f).answers) for f in fams]
-        lines.append("| *chance (an answer drawn uniformly)* | | " + " | ".join(f"*{100 * c:.1f}*" for c in chance)
-                     + f" | *{100 * float(np.mean(chance)):.1f}* |")
+        lines.append("| *chance (an answer drawn uniformly)* | | " + ("| " if multi else "")
+                     + " | ".join(f"*{100 * c:.1f}*" for c in chance)
+                     + f" | *{100 * float(np.mean(chance)):.1f}* |" + (" |" if multi else ""))
         if e["heldout"]:
             owned = [f for f in fams if f not in e["heldout"]]
             lines += ["", "Generalisation: accuracy on the held-out family against the families the clients own "
