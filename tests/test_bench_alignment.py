@@ -78,6 +78,7 @@ def test_quick_bench_alignment_writes_table_section_and_plots(tmp_path):
     section = read_section(out, "alignment")
     assert "| method | seeds | GRPO runs |" in section
     assert "| uniform mixture (no router) | 1 | 2 |" in section
+    assert "(uniform mixture (no router), 2 runs)" in section  # GRPO's own spread, in the reading
 
 
 def test_grpo_runs_are_merged_and_legacy_rows_count_as_run_zero():

@@ -1136,6 +1136,13 @@ def reading(entry: dict) -> list[str]:
     out.append(f"Resolution: {n_eval} evaluation prompts ({n_eval // len(fams)} per family) × {seeds} seed(s): the "
                f"standard error of an overall accuracy is up to {se_all:.1f} points, of one family's up to "
                f"{se_fam:.1f}; differences under about twice that are not resolved.")
+    spread = {m: v["_grpo_spread"] for m, v in s.items() if v.get("_grpo_spread") is not None}
+    if spread:
+        out.append("GRPO's own spread: the same base policy, reward models and router, sampled with another seed, "
+                   "move a seed's overall accuracy by " + ", ".join(
+                       f"{100 * v:.1f} ({method_label(m)}, {s[m]['_runs']} runs)" for m, v in spread.items())
+                   + " points (std between one seed's runs, mean over seeds); rows with one run per seed carry "
+                     "this noise unaveraged.")
     ref = f"mor:{_eps_label(entry['ref_epsilon'])}"
     owners = _owners(entry)
     w = router_weights(entry, ref)
