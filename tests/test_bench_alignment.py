@@ -113,3 +113,22 @@ def test_single_client_rows_can_be_named():
     assert expand_methods(["single"], ["a", "b"], [8.0], 8.0) == ["single:a", "single:b"]
     with pytest.raises(ConfigError, match=r"\['single:z'\]: no such client; the clients are a, b"):
         expand_methods(["single:z"], ["a", "b"], [8.0], 8.0)
+
+
+def test_targets_state_the_paired_difference_and_whether_it_is_resolved():
+    from mor_secure.bench.alignment import paired_difference, targets
+
+    def row(mean):
+        return {"accuracy": {"colour": mean, "mean": mean}}
+
+    seeds = {str(k): {"mor:eps8": row(0.50 + d), "uniform": row(0.44 + d), "single:a": row(0.49 + e),
+                      "centralized": row(0.52)}
+             for k, (d, e) in enumerate([(0.00, 0.05), (0.02, -0.04), (-0.01, 0.00)])}
+    entry = {"seeds": seeds, "families": ["colour"], "ref_epsilon": 8.0, "clients": {"a": {"families": ["colour"]}}}
+    d, se, n = paired_difference(entry, "mor:eps8", "uniform")
+    assert (round(d, 6), n) == (6.0, 3) and se == pytest.approx(0.0, abs=1e-9)
+    lines = targets(entry)
+    assert lines[0].startswith("MoR at ε = 8 minus the uniform mixture: +6.0 ± 0.0 points (paired over 3 seeds; "
+                               "resolved") and lines[0].endswith("(target ≥ +5: met)")
+    assert "MoR minus the best single-client RM (a): " in lines[1] and "not resolved" in lines[1]
+    assert lines[2].startswith("MoR minus the centralized non-private RM: -1.7") and lines[2].endswith("met)")

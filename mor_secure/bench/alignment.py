@@ -1097,30 +1097,48 @@ def _owners(entry: dict) -> dict[str, list[str]]:
     return owners
 
 
+def paired_difference(entry: dict, a: str, b: str) -> tuple[float, float, int]:
+    """Overall accuracy of ``a`` minus ``b`` over the seeds that measured both (the same data, reward
+    models and base policy within a seed): (mean, its standard error, seeds), in points."""
+    diffs = [100 * (rows[a]["accuracy"]["mean"] - rows[b]["accuracy"]["mean"])
+             for rows in entry["seeds"].values() if a in rows and b in rows]
+    if not diffs:
+        return math.nan, math.nan, 0
+    se = float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else math.nan
+    return float(np.mean(diffs)), se, len(diffs)
+
+
 def targets(entry: dict) -> list[str]:
-    """The issue's targets for MoR at the config's epsilon, checked on the overall mean."""
+    """The issue's targets for MoR at the config's epsilon, checked on the overall mean; each
+    difference also with its paired standard error over seeds and whether twice that resolves it."""
     s = summarise(entry)
     ref = f"mor:{_eps_label(entry['ref_epsilon'])}"
     if ref not in s:
         return []
-    mor = s[ref]["mean"][0]
+
+    def versus(other: str) -> tuple[float, str]:
+        d, se, n = paired_difference(entry, ref, other)
+        if n < 2 or not math.isfinite(se):
+            return d, f"{d:+.1f} points ({n} seed)"
+        resolved = "resolved" if abs(d) > 2 * se else "not resolved"
+        return d, f"{d:+.1f} ± {se:.1f} points (paired over {n} seeds; {resolved} at twice the standard error)"
+
     lines = []
     if "uniform" in s:
-        d = 100 * (mor - s["uniform"]["mean"][0])
-        lines.append(f"MoR at ε = {entry['ref_epsilon']:g} minus the uniform mixture: {d:+.1f} points "
+        d, text = versus("uniform")
+        lines.append(f"MoR at ε = {entry['ref_epsilon']:g} minus the uniform mixture: {text} "
                      f"(target ≥ +5: {'met' if d >= 5 else 'missed'})")
     singles = {m: v["mean"][0] for m, v in s.items() if m.startswith("single:")}
     if singles:
         best = max(singles, key=singles.get)
-        d = 100 * (mor - singles[best])
-        lines.append(f"MoR minus the best single-client RM ({best.split(':', 1)[1]}): {d:+.1f} points "
+        d, text = versus(best)
+        lines.append(f"MoR minus the best single-client RM ({best.split(':', 1)[1]}): {text} "
                      f"(target > 0 against every single client: {'met' if d > 0 else 'missed'})")
     if "centralized" in s:
-        d = 100 * (mor - s["centralized"]["mean"][0])
-        lines.append(f"MoR minus the centralized non-private RM: {d:+.1f} points "
-                     f"(target ≥ −5: {'met' if d >= -5 else 'missed'})")
+        d, text = versus("centralized")
+        lines.append(f"MoR minus the centralized non-private RM: {text} (target ≥ −5: {'met' if d >= -5 else 'missed'})")
     if "base" in s:
-        lines.append(f"MoR minus the base policy: {100 * (mor - s['base']['mean'][0]):+.1f} points")
+        lines.append(f"MoR minus the base policy: {versus('base')[1]}")
     return lines
 
 
