@@ -175,7 +175,7 @@ def cmd_client_supernode(args: argparse.Namespace) -> int:
 def cmd_bench_ckks(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from mor_secure.bench.perf import default_out
+    from mor_secure.bench.markdown import default_out
     from mor_secure.deploy.bench import bench_ckks, render, write_section
 
     counts = tuple(int(c) for c in args.clients.split(",") if c)
@@ -196,12 +196,13 @@ def cmd_bench_perf(args: argparse.Namespace) -> int:
     import json as _json
 
     from mor_secure.bench import perf
+    from mor_secure.bench.markdown import default_out
 
     def ints(text: str) -> tuple[int, ...]:
         return tuple(int(c) for c in text.split(",") if c)
 
-    out = Path(args.out) if args.out else (None if args.quick else perf.default_out())
-    results = Path(args.results) if args.results else (None if args.quick else perf.default_out().parent
+    out = Path(args.out) if args.out else (None if args.quick else default_out())
+    results = Path(args.results) if args.results else (None if args.quick else default_out().parent
                                                        / "benchmarks" / "perf_results.json")
     if args.report_only:
         if results is None:
@@ -270,7 +271,7 @@ def cmd_bench_device(args: argparse.Namespace) -> int:
 
 def cmd_bench_alignment(args: argparse.Namespace) -> int:
     from mor_secure.bench import alignment
-    from mor_secure.bench.perf import default_out
+    from mor_secure.bench.markdown import default_out
 
     repo = default_out().parent
     opts = alignment.Options(

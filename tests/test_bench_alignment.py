@@ -132,3 +132,12 @@ def test_targets_state_the_paired_difference_and_whether_it_is_resolved():
                                "resolved") and lines[0].endswith("(target ≥ +5: met)")
     assert "MoR minus the best single-client RM (a): " in lines[1] and "not resolved" in lines[1]
     assert lines[2].startswith("MoR minus the centralized non-private RM: -1.7") and lines[2].endswith("met)")
+
+
+def test_zero_grpo_runs_is_refused(tmp_path, capsys):
+    argv = ["bench", "alignment", "--quick", "--tracks", "shapes", "--seeds", "1", "--methods", "uniform",
+            "--grpo-runs", "0", "--results", str(tmp_path / "r.json"), "--work-dir", str(tmp_path / "w"),
+            "--no-progress"]
+    assert main(argv) == 2
+    assert "--grpo-runs 0: at least 1 GRPO run per seed and method" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

@@ -856,6 +856,8 @@ def run_bench(opts: Options, *, command: str = "mor-secure bench alignment",
     of that track."""
     from mor_secure.quiet import quiet_libraries
 
+    if opts.grpo_runs < 1:
+        raise ConfigError(f"--grpo-runs {opts.grpo_runs}: at least 1 GRPO run per seed and method")
     quiet_libraries()
     torch.set_num_threads(_threads())
     try:

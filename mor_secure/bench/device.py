@@ -222,7 +222,6 @@ def bench_grpo_step(device: torch.device, *, size: str, image_size: int, steps: 
         peak = _peak_gb(device)
         counts = {"policy_params": sum(p.numel() for p in policy.model.parameters()),
                   "rm_params": {n: sum(p.numel() for p in rm.parameters()) for n, rm in rms.items()}}
-        del policy, rms
     step_s = np.diff(timed.starts)[1:].tolist()  # from one reward call to the next; the first left out
     return {"steps": len(history), "step_s": median(step_s), "steps_s": step_s,
             "reward_s": median(timed.seconds[1:]), "rewards_s": timed.seconds, "scoring_s": scoring,

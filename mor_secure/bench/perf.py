@@ -40,13 +40,12 @@ import functools
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,7 +55,6 @@ import torch
 from tqdm.auto import tqdm
 
 from mor_secure.bench.calibration import dpsgd_plans_once
-from mor_secure.bench.markdown import default_out  # noqa: F401 - the CLI's bench commands use it from here too
 from mor_secure.bench.timing import TimedReward, client_rm, median, ratios, train_once
 from mor_secure.config import GrpoSection, RunConfig, parse_config
 from mor_secure.errors import ConfigError
