@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mor_secure.bench.calibration import dpsgd_plans_once
-from mor_secure.bench.timing import TimedReward, median, ratios, train_once
+from mor_secure.bench.timing import TimedReward, median, ratios, train_once, try_mode
 from mor_secure.config import GrpoSection
 from mor_secure.errors import ConfigError
 from mor_secure.models.factory import FAMILIES as _FAMILY_TABLE
@@ -130,16 +130,11 @@ def bench_rm_steps(device: torch.device, *, size: str, image_size: int, families
                         continue
                     bar.set_postfix_str(f"{fam} {name}")
                     _reset_peak(device)
-                    try:
-                        row = train_once(functools.partial(_build_rm, fam, size, image_size, device, lora_r),
-                                          pairs[fam], dp=dp, mode=mode, settings_base=base, sync=_sync(device))
-                    except Exception as exc:  # noqa: BLE001 - a mode that fails is a result
-                        if name == "none":
-                            raise
-                        out["failed_modes"][name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-                        working.remove(name)
-                        for f in families:
-                            runs[f].pop(name, None)
+                    build = functools.partial(_build_rm, fam, size, image_size, device, lora_r)
+                    row = try_mode(name, functools.partial(train_once, build, pairs[fam], dp=dp, mode=mode,
+                                                           settings_base=base, sync=_sync(device)),
+                                   working=working, families=families, runs=runs, failed=out["failed_modes"])
+                    if row is None:
                         continue
                     row["peak_gb"] = _peak_gb(device)
                     runs[fam].setdefault(name, []).append(row)
@@ -169,6 +164,7 @@ def bench_grpo_step(device: torch.device, *, size: str, image_size: int, steps: 
     """(b): GRPO steps of a real-size policy, rewards from three real-size client RMs in-process."""
     from mor_secure.alignment.grpo import MixtureReward, build_dataset, run_grpo
     from mor_secure.alignment.policy import prompt_features
+    from mor_secure.bench.alignment import local_scorer
     from mor_secure.data import make_server_sets, vocabulary
     from mor_secure.models.factory import build_vlm
     from mor_secure.rewards.router import Router
@@ -190,15 +186,11 @@ def bench_grpo_step(device: torch.device, *, size: str, image_size: int, steps: 
         feats = prompt_features(policy, images, questions)
         router = Router(feats.shape[1], order)
         router.fit_projection(feats)
-        rng = np.random.default_rng(0)
+        # the clients' releases as ``ClientNode.score`` makes them: raw score, clipped, noised
+        releases = [local_scorer(rms[name], clip_bound, noise_std, seed=i) for i, name in enumerate(order)]
 
         def scorer(imgs, qs, responses, index):
-            """The clients' releases as ``ClientNode.score`` makes them: raw score, clipped, noised."""
-            out = np.zeros((len(responses), len(order)))
-            for col, name in enumerate(order):
-                raw = rms[name].score([imgs[i] for i in index], [qs[i] for i in index], list(responses))
-                out[:, col] = np.clip(raw.numpy().astype(np.float64), -clip_bound, clip_bound)
-                out[:, col] += rng.normal(0.0, noise_std, size=len(responses))
+            out = np.hstack([release(imgs, qs, responses, index)[0] for release in releases])
             return out, np.ones_like(out, dtype=bool)
 
         sync = _sync(device) or (lambda: None)
@@ -214,8 +206,7 @@ def bench_grpo_step(device: torch.device, *, size: str, image_size: int, steps: 
         scoring: list[float] = []
         cfg = GrpoSection(steps=steps, prompts_per_step=prompts_per_step, num_generations=num_generations,
                           max_completion_length=1)
-        timed = TimedReward(MixtureReward(timed_scorer, router, feats, images, questions), [], [],
-                             on_call=None)
+        timed = TimedReward(MixtureReward(timed_scorer, router, feats, images, questions), [], [])
         t0 = time.perf_counter()
         history = run_grpo(policy, dataset, timed, cfg, out_dir=root / "trainer", seed=0, progress=progress)
         run_s = time.perf_counter() - t0

@@ -55,7 +55,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mor_secure.bench.calibration import dpsgd_plans_once
-from mor_secure.bench.timing import TimedReward, client_rm, median, ratios, train_once
+from mor_secure.bench.timing import TimedReward, client_rm, median, ratios, train_once, try_mode
 from mor_secure.config import GrpoSection, RunConfig, parse_config
 from mor_secure.errors import ConfigError
 
@@ -238,17 +238,11 @@ def bench_dpsgd(families: Sequence[str] = FAMILIES, modes: Sequence[str] = GRAD_
                             bar.update(1)
                             continue
                         bar.set_postfix_str(f"{fam} {name}")
-                        try:
-                            runs[fam].setdefault(name, []).append(
-                                train_once(functools.partial(client_rm, node), data[fam], dp=dp, mode=mode,
-                                            settings_base=base))
-                        except Exception as exc:  # noqa: BLE001 - a mode that fails is a result
-                            if name == "none":
-                                raise
-                            out["failed_modes"][name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-                            working.remove(name)
-                            for f in families:
-                                runs[f].pop(name, None)
+                        row = try_mode(name, functools.partial(train_once, functools.partial(client_rm, node), data[fam],
+                                                               dp=dp, mode=mode, settings_base=base),
+                                       working=working, families=families, runs=runs, failed=out["failed_modes"])
+                        if row is not None:
+                            runs[fam].setdefault(name, []).append(row)
                         bar.update(1)
             bar.update(total - bar.n)  # the runs of modes that failed
     for fam in families:

@@ -31,6 +31,23 @@ def client_rm(node):
                        lora_targets=VISION_LORA_TARGETS if t.lora_vision else LORA_TARGETS)
 
 
+def try_mode(name: str, attempt: Callable[[], dict], *, working: list[str], families: Sequence[str],
+             runs: dict[str, dict[str, list[dict]]], failed: dict[str, str]) -> dict | None:
+    """``attempt()`` for one run of grad-sample mode ``name``. A DP mode Opacus or our training loop
+    rejects is a result: its error (first line) goes to ``failed``, the mode leaves ``working`` and its
+    runs so far leave ``runs``; None is returned. The non-private run (``"none"``) raises."""
+    try:
+        return attempt()
+    except Exception as exc:  # noqa: BLE001 - a mode that fails is a result
+        if name == "none":
+            raise
+        failed[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        working.remove(name)
+        for fam in families:
+            runs[fam].pop(name, None)
+        return None
+
+
 def train_once(build_rm: Callable[[], object], pairs: list[dict], *, dp: bool, mode: str, settings_base,
                 sync: Callable[[], None] | None = None) -> dict:
     """One real ``train_reward_model`` run on ``build_rm()``; per-step times from a forward pre-hook
