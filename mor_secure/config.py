@@ -184,6 +184,13 @@ class GrpoSection(_Strict):
     checkpoint_steps: int = Field(
         25, ge=0, description="Save a GRPO checkpoint every N steps; `mor-secure run --resume` continues "
                               "from the last one (0: none, a resumed GRPO starts over).")
+    steps_per_generation: int = Field(
+        1, ge=1, description="GRPO steps per reward round trip: the policy samples this many steps' prompts at "
+                             "once, the clients score them in one round trip, and each of the next steps trains on "
+                             "one slice (the later slices are slightly off-policy; TRL's clipped importance ratio "
+                             "corrects for that). 1: sample and score at every step. A deployment whose round trip "
+                             "costs a fixed latency pays it once per this many steps (BENCHMARKS.md, perf (b)). "
+                             "The scores released are the same in number, so privacy accounting is unchanged.")
 
 
 class FederationSection(_Strict):

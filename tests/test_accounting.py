@@ -113,6 +113,18 @@ def test_secondary_accountant_failure_is_noted_not_fatal():
     assert math.isnan(g.by_accountant["output"]["opacus_prv"]) and g.notes
 
 
+@pytest.mark.parametrize("accountant", ACCOUNTANTS)
+def test_one_release_of_k_batches_costs_what_k_releases_cost(accountant):
+    """``grpo.steps_per_generation: k`` sends one score request per k GRPO steps: one release of
+    k*N scores instead of k releases of N, at the same noise std. Gaussian mechanisms compose
+    exactly, so the output route's epsilon must not change (the config's description says so)."""
+    sigma, bound, n, k = 1200.0, 5.0, 128, 4  # about epsilon 4
+    many = [GaussianScoreRelease(noise_std=sigma, clip_bound=bound, count=n)] * (k * 25)
+    one = [GaussianScoreRelease(noise_std=sigma, clip_bound=bound, count=k * n)] * 25
+    eps_many, eps_one = epsilon_output(many, DELTA, accountant), epsilon_output(one, DELTA, accountant)
+    assert 0 < eps_one < math.inf and eps_one == pytest.approx(eps_many, rel=1e-6)
+
+
 def test_vacuous_release_is_inf_under_pld_and_finite_under_rdp():
     g = client_guarantee([GaussianScoreRelease(noise_std=1e-6, clip_bound=1.0, count=1)], DELTA, accountants=("dpa_rdp",))
     assert g.route_output == math.inf and 1e5 < g.by_accountant["output"]["dpa_rdp"] < math.inf

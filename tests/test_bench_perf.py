@@ -110,6 +110,14 @@ def test_transport_verdict_reads_the_best_deployment_side_and_explains_the_waits
     assert ex.startswith("Target (b) **missed**: 2.00x with the service as its SuperNode's ClientApp executor")
     assert "as executor (measured 0.5 s)" in ex and "steps that take over 1.0 s in-process" in ex
     assert "relay process" not in ex.split("On a dedicated machine")[1]  # no process per message to count
+    assert "steps per reward round trip" not in ex  # no such deployment in this result
+    execd["sides"]["tls_executor_k4"] = dict(execd["sides"]["tls_executor"], ratio=1.3, ratio_by_repeat=[1.3],
+                                             reward_extra_s=0.15)
+    k4 = "\n".join(_transport_analysis(execd, 2))
+    # the verdict stays on one round trip per step; the 4-step schedule is reported beside it, not instead
+    assert k4.startswith("Target (b) **missed**: 2.00x with the service as its SuperNode's ClientApp executor")
+    assert "4 GRPO steps per reward round trip" in k4 and "**1.30x** (within 1.5x)" in k4
+    assert "adds 0.15 s per step" in k4
     met = "\n".join(_transport_analysis(_transport(12.0, 2.0, 1.3), 2))
     assert met.startswith("Target (b) **met**: 1.30x over TLS with each client's scoring service")
 
@@ -120,3 +128,18 @@ def test_adaptive_wait_is_at_most_an_eighth_of_the_servers_compute():
 
     for compute in (0.0, 0.01, 0.3, 1.0, 5.0, 30.0):
         assert 0 <= _adaptive_wait(compute) <= max(FLOOR_S, compute / 8) + 1e-9
+
+
+def test_grpo_step_time_with_several_steps_per_round_trip():
+    """(b) with ``steps_per_generation: 2``: one reward call per 2 GRPO steps, each scoring both steps'
+    responses, and a step's time is the interval between reward calls halved."""
+    b = perf.bench_grpo_transport(clients=1, steps=2, repeats=1, prompts_per_step=2, num_generations=2,
+                                  transport="grid", progress=False, steps_per_generation=2)
+    assert b["grpo"]["steps"] == 4 and b["grpo"]["steps_per_generation"] == 2
+    for side in ("direct", "grid"):
+        run = b["sides"][side]["runs"][0]
+        assert len(run["rewards_s"]) == 2 and len(run["steps_s"]) == 1  # 4 steps, 2 reward calls, 1 interval
+        assert _finite_positive(run["step_s"]) and run["step_s"] < run["run_s"] / 2
+    assert b["sides"]["grid"]["events"] == 0
+    with pytest.raises(ConfigError, match="steps_per_generation=0"):
+        perf.bench_grpo_transport(steps_per_generation=0, progress=False)

@@ -53,3 +53,34 @@ def test_grpo_raises_oracle_accuracy(tmp_path):
     late = np.mean([h["reward"] for h in history[-10:]])
     assert late > early + 0.2, f"reward did not rise: {early:.2f} -> {late:.2f}"
     assert after >= before + 0.25, f"oracle accuracy {before:.2f} -> {after:.2f}"
+
+
+def test_steps_per_generation_scores_k_steps_in_one_round_trip(tmp_path):
+    """``grpo.steps_per_generation: k``: the reward (one round trip to the clients) is called once per
+    k optimiser steps with k steps' responses, the policy still trains at every step, and the
+    history has one row per round trip."""
+    policy = build_vlm("llava", vocabulary(), seed=0)
+    policy.save(tmp_path / "base")
+    policy.model.config._name_or_path = str(tmp_path / "base")
+    train = make_samples("shapes", "colour", 32, seed=1, pool="public")
+    images, questions = [s["image"] for s in train], [s["question"] for s in train]
+    calls = []
+
+    def scorer(imgs, qs, responses, index):
+        calls.append(len(responses))
+        scores = np.array([[float(len(r))] for r in responses]) + np.random.default_rng(len(calls)).normal(
+            0, 1, (len(responses), 1))
+        return scores, np.ones_like(scores, dtype=bool)
+
+    reward = MixtureReward(scorer, Router(policy.hidden_size, ["c"]), prompt_features(policy, images, questions),
+                           images, questions)
+    before = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
+    cfg = GrpoSection(steps=8, prompts_per_step=2, num_generations=4, beta=0.04, lr=1e-3, max_completion_length=1,
+                      steps_per_generation=4)
+    history = run_grpo(policy, build_dataset(images, questions, [s["family"] for s in train]), reward, cfg,
+                       out_dir=tmp_path / "trainer", seed=0, progress=False)
+    assert calls == [4 * 2 * 4, 4 * 2 * 4], calls  # 2 round trips of 4 steps x 2 prompts x 4 samples
+    assert [h["step"] for h in history] == [1, 5]
+    moved = [n for n, p in policy.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert moved, "the policy did not train"
+    assert GrpoSection().steps_per_generation == 1  # the default samples and scores at every step

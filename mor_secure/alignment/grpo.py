@@ -82,13 +82,15 @@ class _RewardCurve(TrainerCallback):
         self.bar = tqdm(total=total, desc="GRPO", disable=not progress, leave=False)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "reward" in logs:
+        if logs and "reward" in logs:  # logged at each reward round trip (TRL's generation steps)
             row = {"step": state.global_step, "reward": float(logs["reward"]),
                    "reward_std": float(logs.get("reward_std", float("nan"))),
                    "kl": float(logs.get("kl", float("nan"))), "loss": float(logs.get("loss", float("nan")))}
             self.history.append(row)
-            self.bar.update(1)
             self.bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bar.update(state.global_step - self.bar.n)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.bar.close()
@@ -106,7 +108,9 @@ def build_dataset(images: Sequence[Image.Image], questions: Sequence[str], famil
 def run_grpo(policy: VLM, dataset: Dataset, reward: MixtureReward, cfg: GrpoSection, *, out_dir: Path,
              seed: int, progress: bool = True, checkpoint_steps: int = 0,
              resume_from: Path | None = None) -> list[dict]:
-    """Train ``policy.model`` in place; returns the per-step reward/KL history (of the steps run here).
+    """Train ``policy.model`` in place; returns the reward/KL history of the steps run here: one row
+    per reward round trip, i.e. every step when ``cfg.steps_per_generation`` is 1, else at steps 1,
+    1 + k, 1 + 2k, ... (``step`` is TRL's global step; ``kl`` and ``loss`` are means since the last row).
 
     ``checkpoint_steps`` > 0: TRL saves a checkpoint (policy, optimiser, scheduler, RNG and trainer
     state) under ``out_dir`` every that many steps, the last two kept. ``resume_from``: continue
@@ -124,6 +128,7 @@ def run_grpo(policy: VLM, dataset: Dataset, reward: MixtureReward, cfg: GrpoSect
         lr_scheduler_type="constant",
         warmup_steps=0,
         per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations,  # counts completions
+        steps_per_generation=cfg.steps_per_generation,  # one reward round trip per this many steps
         num_generations=cfg.num_generations,
         max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature,
