@@ -287,7 +287,7 @@ def cmd_bench_alignment(args: argparse.Namespace) -> int:
             "alignment_results_quick.json" if args.quick else "alignment_results.json"),
         fresh=args.fresh, progress=not args.no_progress, grpo_runs=args.grpo_runs)
     defaults = vars(build_parser().parse_args(["bench", "alignment"]))
-    skip = ("func", "out", "results", "work_dir", "plots", "no_progress", "fresh", "report_only")
+    skip = ("func", "out", "results", "work_dir", "plots", "no_progress", "fresh", "report_only", "fill_reward_top1")
     given = [(k, v) for k, v in vars(args).items() if k in defaults and k not in skip and v != defaults[k]]
     parts = []
     for k, v in given:
@@ -295,7 +295,14 @@ def cmd_bench_alignment(args: argparse.Namespace) -> int:
             parts.append(f"--{k.replace('_', '-')}" + ("" if item is True else f" {item}"))
     command = " ".join(["mor-secure bench alignment", *parts])
     start = time.perf_counter()
-    results = alignment.load_results(opts.results) if args.report_only else alignment.run_bench(opts, command=command)
+    if args.report_only and args.fill_reward_top1:
+        raise ConfigError("--report-only and --fill-reward-top1 exclude each other: the second computes")
+    if args.report_only:
+        results = alignment.load_results(opts.results)
+    elif args.fill_reward_top1:
+        results = alignment.fill_reward_top1(opts)
+    else:
+        results = alignment.run_bench(opts, command=command)
     out = Path(args.out) if args.out else (None if args.quick else default_out())
     if out is None:
         print(f"results: {opts.results} (--quick writes BENCHMARKS.md only with --out)")
@@ -465,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_al.add_argument("--fresh", action="store_true", help="ignore stored results and measure everything again")
     bench_al.add_argument("--report-only", action="store_true",
                           help="only rebuild the section and plots from the results JSON")
+    bench_al.add_argument("--fill-reward-top1", action="store_true",
+                          help="add the reward-ranking diagnostic (how often each method's reward ranks the oracle "
+                               "answer first) to stored rows without it, from the work folder's reward models (no "
+                               "GRPO, no training), then rebuild the section")
     bench_al.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench_al.set_defaults(func=cmd_bench_alignment)
     bench_dev = bench.add_parser("device", help="real-size models (about 1.2B parameters) on a GPU: DP-SGD vs "

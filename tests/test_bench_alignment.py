@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 METHODS = ["base", "uniform", "fedavg", "centralized", "mor:eps8"]
 
 
-def test_quick_bench_alignment_writes_table_section_and_plots(tmp_path):
+def test_quick_bench_alignment_writes_table_section_and_plots(tmp_path, capsys):
     out = tmp_path / "BENCHMARKS.md"
     update_section(out, "other", "Another benchmark", "kept as it is")
     results = tmp_path / "results.json"
@@ -44,6 +44,14 @@ def test_quick_bench_alignment_writes_table_section_and_plots(tmp_path):
     for fam, w in weights.items():
         assert set(w) == set(track["clients"]) and abs(sum(w.values()) - 1.0) < 1e-4, fam
     assert rows["fedavg"]["fedavg_rounds"] == 2 and rows["fedavg"]["local_epochs_per_round"] == 1
+    for method, row in rows.items():  # the harness's reward ranking, for every method with a reward
+        if method == "base":
+            assert "reward_top1" not in row
+            continue
+        top = row["reward_top1"]
+        assert set(top) == set(families) | {"mean"}, method
+        assert all(0.0 <= v <= 1.0 for v in top.values()) and top["mean"] == pytest.approx(
+            sum(top[f] for f in families) / len(families)), method
 
     section = read_section(out, "alignment")
     assert section is not None
@@ -57,6 +65,8 @@ def test_quick_bench_alignment_writes_table_section_and_plots(tmp_path):
         png = tmp_path / "benchmarks" / name
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"(benchmarks/{name})" in section
+
+    assert "Reward ranking (benchmark harness)" in section and "Reward against policy (1 seed(s)" in section
 
     # the same command again: every row is in the results file, nothing is measured twice
     stamps = {m: r["finished"] for m, r in rows.items()}
@@ -79,6 +89,23 @@ def test_quick_bench_alignment_writes_table_section_and_plots(tmp_path):
     assert "| method | seeds | GRPO runs |" in section
     assert "| uniform mixture (no router) | 1 | 2 |" in section
     assert "(uniform mixture (no router), 2 runs)" in section  # GRPO's own spread, in the reading
+
+    # rows stored without the reward ranking get it from the work folder, with no GRPO run
+    stored = json.loads(results.read_text())
+    kept = {m: r.pop("reward_top1") for m, r in stored["tracks"]["shapes-heldout"]["seeds"]["0"].items()
+            if "reward_top1" in r}
+    results.write_text(json.dumps(stored))
+    assert main(argv + ["--fill-reward-top1"]) == 0
+    filled = json.loads(results.read_text())["tracks"]["shapes-heldout"]["seeds"]["0"]
+    assert {m: r["finished"] for m, r in filled.items()} == {m: r["finished"] for m, r in twice.items()}
+    for m, top in kept.items():
+        if m.startswith("mor:"):  # the router is fitted again, on fresh noised scores of the objective set
+            assert set(filled[m]["reward_top1"]) == set(top)
+        else:  # the same reward models, clipped, no noise: the same ranking
+            assert filled[m]["reward_top1"] == top, m
+    capsys.readouterr()
+    assert main(argv + ["--fill-reward-top1", "--report-only"]) == 2
+    assert "--report-only and --fill-reward-top1 exclude each other" in capsys.readouterr().err
 
 
 def test_grpo_runs_are_merged_and_legacy_rows_count_as_run_zero():
@@ -141,3 +168,43 @@ def test_zero_grpo_runs_is_refused(tmp_path, capsys):
     assert main(argv) == 2
     assert "--grpo-runs 0: at least 1 GRPO run per seed and method" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+class _PlantedRM:
+    """Test double for a reward model (the function under test only calls ``score``): +1 for the answer
+    ``truth`` gives an image, 0 for every other; ``flat`` scores everything 0 (all ties)."""
+
+    def __init__(self, truth: dict, flat: bool = False) -> None:
+        self.truth, self.flat = truth, flat
+
+    def score(self, images, questions, responses):
+        import torch
+
+        return torch.tensor([0.0 if self.flat else float(self.truth[id(im)] == r) for im, r in zip(images, responses)])
+
+
+def test_reward_top1_counts_strict_firsts_per_family():
+    import torch
+    from PIL import Image
+
+    from mor_secure.bench.alignment import FixedRouter, reward_top1
+    from mor_secure.data.families import get_family
+
+    colours = get_family("colour").answers
+    images = [Image.new("RGB", (4, 4)) for _ in range(4)]
+    records = [{"image": im, "question": "q", "family": "colour", "answer": colours[i % 2]}
+               for i, im in enumerate(images)]
+    right = {id(im): r["answer"] for im, r in zip(images, records)}
+    wrong = {id(im): (colours[2] if i < 3 else r["answer"]) for i, (im, r) in enumerate(zip(images, records))}
+    feats = torch.zeros(len(records), 3)
+    # the oracle-like RM ranks every answer right; the one wrong on 3 of 4 prompts gets 1/4
+    assert reward_top1([_PlantedRM(right)], [5.0], FixedRouter(["a"]), feats, records) == {"colour": 1.0, "mean": 1.0}
+    assert reward_top1([_PlantedRM(wrong)], [5.0], FixedRouter(["b"]), feats, records)["colour"] == 0.25
+    # a flat RM ties every answer: no prompt counts (a tie is a miss, not a first place)
+    assert reward_top1([_PlantedRM(right, flat=True)], [5.0], FixedRouter(["c"]), feats, records)["colour"] == 0.0
+    # the uniform mixture of the right and the flat RM still ranks right; of right and wrong, ties become misses
+    both = reward_top1([_PlantedRM(right), _PlantedRM(right, flat=True)], [5.0, 5.0], FixedRouter(["a", "c"]),
+                       feats, records)
+    assert both["colour"] == 1.0
+    tied = reward_top1([_PlantedRM(right), _PlantedRM(wrong)], [5.0, 5.0], FixedRouter(["a", "b"]), feats, records)
+    assert tied["colour"] == 0.25  # 3 prompts: right and wrong answers tie at 0.5; the 4th agrees

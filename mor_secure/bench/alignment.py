@@ -504,6 +504,36 @@ def make_fedavg_client_app(shared_seed: int):
     return app
 
 
+def reward_top1(rms: Sequence, clips: Sequence[float], router, features: torch.Tensor,
+                records: Sequence[dict]) -> dict[str, float]:
+    """Benchmark harness: per family, the share of ``records`` (evaluation prompts with their oracle
+    answers) on which a method's reward ranks the oracle answer strictly above every other answer of
+    the family (a tie counts as a miss), and the mean over families.
+
+    The reward is the method's own: each reward model's scores clipped to its ``clips`` bound (without
+    the release noise) and mixed by ``router`` (MoR's router, or :class:`FixedRouter` for one client or
+    the uniform mixture) on the reference ``features`` of each prompt. It bounds what GRPO can learn
+    from that reward: a policy that always answers what the reward ranks first scores this accuracy."""
+    from torch.nn.functional import one_hot
+
+    out: dict[str, float] = {}
+    for fam in sorted({r["family"] for r in records}):
+        idx = [i for i, r in enumerate(records) if r["family"] == fam]
+        answers = list(get_family(fam).answers)
+        images = [records[i]["image"] for i in idx for _ in answers]
+        questions = [records[i]["question"] for i in idx for _ in answers]
+        with torch.no_grad():
+            scores = torch.stack([rm.score(images, questions, answers * len(idx)).clamp(-b, b)
+                                  for rm, b in zip(rms, clips)], 1)
+            reward = router.reward(features[idx].repeat_interleave(len(answers), 0), scores,
+                                   torch.ones_like(scores, dtype=torch.bool)).reshape(len(idx), len(answers))
+        right = torch.tensor([answers.index(records[i]["answer"]) for i in idx])
+        others = reward.masked_fill(one_hot(right, len(answers)).bool(), float("-inf")).amax(1)
+        out[fam] = float((reward.gather(1, right[:, None]).squeeze(1) > others).float().mean())
+    out["mean"] = float(np.mean(list(out.values())))
+    return out
+
+
 # -- one track, one seed -----------------------------------------------------------------------------
 @dataclass
 class SeedRun:
@@ -622,6 +652,44 @@ class SeedRun:
             out[c.name] = pairwise_accuracy(RewardModel.load(self.work / f"clients-{setting}" / c.name / "rm"), pairs)
         return out
 
+    def method_reward_top1(self, method: str, router=None) -> dict[str, float] | None:
+        """:func:`reward_top1` of ``method``'s reward on this seed's evaluation prompts (None for the base
+        policy). MoR uses ``router`` when given, else fits it again as :meth:`run_method` does."""
+        from mor_secure.alignment.policy import prompt_features
+        from mor_secure.rewards.reward_model import RewardModel
+
+        if method == "base":
+            return None
+        self.base_policy()  # the reference (router features)
+        ref = _eps_label(self.track.ref_epsilon)
+        if method in ("centralized", "fedavg"):
+            rm, _ = self.centralized_rm(ref) if method == "centralized" else self.fedavg_rm(ref)
+            rms, clips, mixer = [rm], [self.cfg.clients[0].scores.clip_bound], FixedRouter([method])
+        else:
+            setting = method.split(":", 1)[1] if method.startswith("mor:") else ref
+            cfg, channel = self.clients(setting)
+            names = ([method.split(":", 1)[1]] if method.startswith("single:") else sorted(channel.clients))
+            if method.startswith("mor:"):
+                if router is None:
+                    from mor_secure.federation.orchestrator import fit_router_on_objective
+
+                    channel.order = names
+                    router, _, _ = fit_router_on_objective(channel, self.reference, self.server["objective"], cfg,
+                                                           progress=False)
+                    torch.set_num_threads(_threads())
+                mixer = router
+            else:
+                mixer = FixedRouter(names)
+            by_name = {c.name: c for c in cfg.clients}
+            rms = [RewardModel.load(self.work / f"clients-{setting}" / n / "rm") for n in names]
+            clips = [by_name[n].scores.clip_bound for n in names]
+        if getattr(self, "_eval_features", None) is None:
+            ev = self.server["eval"]
+            self._eval_features = prompt_features(self.reference, [r["image"] for r in ev],
+                                                  [r["question"] for r in ev])
+        with self.timed("reward ranking (harness)"):
+            return reward_top1(rms, clips, mixer, self._eval_features, self.server["eval"])
+
     # -- GRPO and evaluation ------------------------------------------------------------------------
     def align(self, method: str, scorer, router, grpo_runs: Sequence[int] = (0,)) -> dict:
         """GRPO from the base policy once per GRPO run index ``g`` (sampling seed ``seed + GRPO_SEED_STRIDE * g``;
@@ -667,7 +735,7 @@ class SeedRun:
                 row = self.align(method, channel_scorer(channel), FixedRouter(names), grpo_runs)
             finally:
                 channel.order = saved
-            return {**row, "epsilon": self.track.ref_epsilon}
+            return {**row, "epsilon": self.track.ref_epsilon, "reward_top1": self.method_reward_top1(method)}
         if method.startswith("mor:"):
             from mor_secure.federation.orchestrator import fit_router_on_objective, router_weights_by_family
 
@@ -681,19 +749,19 @@ class SeedRun:
             weights = router_weights_by_family(router, self.reference, self.server["eval"])
             row = self.align(method, channel_scorer(channel), router, grpo_runs)
             return {**row, "router_weights": weights, "router_objective_accuracy": fit.accuracy,
-                    "rm_accuracy": self.rm_accuracy(setting)}
+                    "rm_accuracy": self.rm_accuracy(setting), "reward_top1": self.method_reward_top1(method, router)}
         if method == "fedavg":
             rm, info = self.fedavg_rm(ref)
             c = self.cfg.clients[0].scores
             row = self.align(method, local_scorer(rm, c.clip_bound, c.noise_std, self.seed), FixedRouter(["fedavg"]),
                              grpo_runs)
-            return {**row, **info}
+            return {**row, **info, "reward_top1": self.method_reward_top1(method)}
         if method == "centralized":
             rm, info = self.centralized_rm(ref)
             c = self.cfg.clients[0].scores
             row = self.align(method, local_scorer(rm, c.clip_bound, 0.0, self.seed), FixedRouter(["centralized"]),
                              grpo_runs)
-            return {**row, **info}
+            return {**row, **info, "reward_top1": self.method_reward_top1(method)}
         raise ConfigError(f"unknown method {method!r}")
 
     def fedavg_rm(self, setting: str):
@@ -955,6 +1023,56 @@ def _run_bench(opts: Options, command: str, on_row) -> dict:
     return results
 
 
+def _work_on_disk(work: Path, method: str, ref: str, clients: Sequence[str]) -> bool:
+    """Whether the reward models ``method`` scores with are in the seed's work folder ``work``."""
+    if method in ("centralized", "fedavg"):
+        return (work / f"{method}_rm" / "complete").is_file()
+    setting = method.split(":", 1)[1] if method.startswith("mor:") else ref
+    return all((work / f"clients-{setting}" / c / "rm" / "complete").is_file() for c in clients)
+
+
+def fill_reward_top1(opts: Options) -> dict:
+    """Add the reward-ranking diagnostic (:func:`reward_top1`) to stored rows that lack it, from the
+    base policies and reward models in the work folder: no GRPO runs, no training (a row whose reward
+    models are no longer there is left as it is and named). MoR's router is fitted again from the
+    clients' noised scores of the objective set, as the row's own run fitted it."""
+    from mor_secure.quiet import quiet_libraries
+
+    quiet_libraries()
+    torch.set_num_threads(_threads())
+    results = load_results(opts.results)
+    with calibration_once():
+        for name in opts.tracks:
+            entry = results["tracks"].get(name)
+            if entry is None:
+                continue
+            track = load_track(name, opts.configs.get(name.split("-")[0]), quick=opts.quick,
+                               grpo_steps=opts.grpo_steps, overrides=opts.overrides)
+            work = Path(opts.work_dir) / track.name
+            work_fp = track.fingerprint({"fedavg_rounds": opts.fedavg_rounds, "quick": opts.quick}, work=True)
+            marker = work / "work_fingerprint"
+            if not marker.is_file() or marker.read_text() != work_fp:
+                print(f"{name}: the work folder {work} does not hold this track's reward models; skipped", flush=True)
+                continue
+            ref = _eps_label(track.ref_epsilon)
+            for seed, rows in sorted(entry["seeds"].items()):
+                todo = [m for m, r in rows.items() if m != "base" and "reward_top1" not in r]
+                base_dir = Path(opts.work_dir) / track.base / f"s{seed}" / "policy_base"
+                gone = [m for m in todo if not (base_dir / "complete").is_file()
+                        or not _work_on_disk(work / f"s{seed}", m, ref, track.clients)]
+                if gone:
+                    print(f"{name} seed {seed}: reward models not on disk for {', '.join(gone)}; left without "
+                          "the reward ranking", flush=True)
+                todo = [m for m in todo if m not in gone]
+                if not todo:
+                    continue
+                run = SeedRun(track, int(seed), work / f"s{seed}", base_dir, opts.fedavg_rounds, opts.progress)
+                for method in tqdm(todo, desc=f"{name} seed {seed}: reward ranking", disable=not opts.progress):
+                    rows[method]["reward_top1"] = run.method_reward_top1(method)
+                    save_results(opts.results, results)
+    return results
+
+
 def get_family(name: str):
     from mor_secure.data import get_family as _get
 
@@ -1179,6 +1297,19 @@ def reading(entry: dict) -> list[str]:
     if accs:
         out.append(f"Client reward models at ε = {entry['ref_epsilon']:g}, pairwise accuracy on held-out pairs of their "
                    "own families: " + ", ".join(f"{c} {100 * np.mean(v):.0f}%" for c, v in accs.items()) + ".")
+    both = [rows for rows in entry["seeds"].values()
+            if all(m in rows and rows[m].get("reward_top1") for m in (ref, "uniform"))]
+    if both:
+        def avg(m: str, key: str) -> float:
+            return 100 * float(np.mean([rows[m][key]["mean"] for rows in both]))
+
+        r_mor, r_uni, a_mor, a_uni = avg(ref, "reward_top1"), avg("uniform", "reward_top1"), avg(ref, "accuracy"), \
+            avg("uniform", "accuracy")
+        out.append(f"Reward against policy ({len(both)} seed(s) with both rankings): MoR at ε = {entry['ref_epsilon']:g}'s "
+                   f"reward ranks the oracle answer first on {r_mor:.1f}% of the evaluation prompts, the uniform "
+                   f"mixture's on {r_uni:.1f}% ({r_mor - r_uni:+.1f} points); after {entry['settings']['grpo_steps']} "
+                   f"GRPO steps their policies score {a_mor:.1f}% and {a_uni:.1f}% ({a_mor - a_uni:+.1f}), "
+                   f"{r_mor - a_mor:.1f} and {r_uni - a_uni:.1f} points below their reward's ranking.")
     if ref in s and "base" in s:
         up = [f"{f} {100 * (s[ref][f][0] - s['base'][f][0]):+.0f}" for f in fams
               if s[ref][f][0] - s["base"][f][0] > 2 * se_fam / 100]
@@ -1314,6 +1445,13 @@ def render(results: dict, *, full_command: str, date: str, machine: str, plots: 
         if rm:
             lines += ["", "Reward models' pairwise accuracy (%) on fresh held-out pairs of each client's own "
                       "families (benchmark harness; never released), mean over seeds:", ""] + rm
+        ranks = _rank_table(e)
+        if ranks:
+            lines += ["", "Reward ranking (benchmark harness): the share (%) of evaluation prompts on which each "
+                      "method's reward ranks the oracle answer above every other answer of the family (ties count "
+                      "as misses; scores clipped, without the release noise; MoR's router as fitted for its row), "
+                      "mean over seeds. A policy that always gave the reward's first answer would score this; the "
+                      "table above is what GRPO reached:", ""] + ranks
         failed = {(seed, m): f["error"] for seed, fs in e.get("failed", {}).items() for m, f in fs.items()}
         if failed:
             lines += ["", "Failed (not in the table; a rerun of the command tries them again): " + "; ".join(
@@ -1348,6 +1486,29 @@ def render(results: dict, *, full_command: str, date: str, machine: str, plots: 
         lines += ["", "Plots: " + ", ".join(f"[{title}]({path})" for title, path in plots.items()) + "."]
         lines += [""] + [f"![{title}]({path})" for title, path in plots.items()]
     return "\n".join(lines) + "\n"
+
+
+def reward_ranks(entry: dict) -> dict[str, dict[str, float]]:
+    """Mean over seeds of each method's stored :func:`reward_top1` (methods that have it), per family and mean."""
+    vals: dict[str, dict[str, list[float]]] = {}
+    for rows in entry["seeds"].values():
+        for m, r in rows.items():
+            for k, v in (r.get("reward_top1") or {}).items():
+                vals.setdefault(m, {}).setdefault(k, []).append(v)
+    return {m: {k: float(np.mean(v)) for k, v in vals[m].items()} | {"_seeds": len(vals[m]["mean"])}
+            for m in display_order(vals)}
+
+
+def _rank_table(entry: dict) -> list[str]:
+    ranks = reward_ranks(entry)
+    if not ranks:
+        return []
+    fams = list(entry["families"])
+    out = ["| method | seeds | " + " | ".join(fams) + " | overall |", "|---" * (len(fams) + 3) + "|"]
+    for m, r in ranks.items():
+        out.append(f"| {method_label(m)} | {r['_seeds']} | " + " | ".join(
+            f"{100 * r[f]:.1f}" if f in r else "—" for f in fams) + f" | **{100 * r['mean']:.1f}** |")
+    return out
 
 
 def _rm_table(entry: dict) -> list[str]:
