@@ -446,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_al.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per track")
     bench_al.add_argument("--methods", default="base,single,uniform,fedavg,centralized,mor",
                           help="comma-separated subset of base, single, uniform, fedavg, centralized, mor (MoR "
-                               "without DP and at every --epsilons), or single MoR rows such as mor:eps8, mor:nodp")
+                               "without DP and at every --epsilons), or single MoR rows such as mor:eps8, mor:nodp; "
+                               "oracle (the answer key as reward: GRPO's ceiling at these settings) runs only when "
+                               "named")
     bench_al.add_argument("--epsilons", default="1,4,8", help="client DP-SGD epsilons of the MoR rows")
     bench_al.add_argument("--grpo-steps", type=int, default=None, help="GRPO steps per method (default: the config's)")
     bench_al.add_argument("--grpo-runs", type=int, default=1,

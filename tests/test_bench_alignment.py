@@ -7,6 +7,7 @@ three plots written, and a rerun with the same settings measuring nothing again.
 import json
 import math
 
+import numpy as np
 import pytest
 
 from mor_secure.bench.markdown import read_section, update_section
@@ -15,7 +16,7 @@ from mor_secure.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 
-METHODS = ["base", "uniform", "fedavg", "centralized", "mor:eps8"]
+METHODS = ["base", "uniform", "fedavg", "centralized", "mor:eps8", "oracle"]
 
 
 def test_quick_bench_alignment_writes_table_section_and_plots(tmp_path, capsys):
@@ -45,8 +46,8 @@ def test_quick_bench_alignment_writes_table_section_and_plots(tmp_path, capsys):
         assert set(w) == set(track["clients"]) and abs(sum(w.values()) - 1.0) < 1e-4, fam
     assert rows["fedavg"]["fedavg_rounds"] == 2 and rows["fedavg"]["local_epochs_per_round"] == 1
     for method, row in rows.items():  # the harness's reward ranking, for every method with a reward
-        if method == "base":
-            assert "reward_top1" not in row
+        if method in ("base", "oracle"):  # no reward model to rank with
+            assert not row.get("reward_top1"), method
             continue
         top = row["reward_top1"]
         assert set(top) == set(families) | {"mean"}, method
@@ -58,7 +59,8 @@ def test_quick_bench_alignment_writes_table_section_and_plots(tmp_path, capsys):
     assert "`mor-secure bench alignment --tracks shapes-heldout --seeds 1 --methods " in section and "--quick`" in section
     assert "CPUs" in section  # the machine line
     for label in ("| base policy (no alignment) |", "| uniform mixture (no router) |", "| FedAvg RM",
-                  "| centralized RM, no DP (upper bound) |", "| MoR, ε = 8 |", "size (held out)"):
+                  "| centralized RM, no DP (upper bound) |", "| MoR, ε = 8 |", "size (held out)",
+                  "| answer key as reward (GRPO's ceiling, reference) |", "GRPO's ceiling at these settings"):
         assert label in section, label
     assert read_section(out, "other").endswith("kept as it is")
     for name in ("alignment_privacy_utility.png", "alignment_by_family.png", "alignment_router_weights.png"):
@@ -208,3 +210,27 @@ def test_reward_top1_counts_strict_firsts_per_family():
     assert both["colour"] == 1.0
     tied = reward_top1([_PlantedRM(right), _PlantedRM(wrong)], [5.0, 5.0], FixedRouter(["a", "b"]), feats, records)
     assert tied["colour"] == 0.25  # 3 prompts: right and wrong answers tie at 0.5; the 4th agrees
+
+
+def test_answer_key_scorer_rewards_the_oracle_answer_only(tmp_path):
+    """The ``oracle`` reference row's reward: 1 for a response whose first word is the public prompt's
+    oracle answer (drawn again by the harness; the server's prompts carry none), 0 otherwise."""
+    from mor_secure.bench.alignment import SeedRun, load_track
+    from mor_secure.data import make_server_sets
+    from mor_secure.data.families import get_family
+
+    track = load_track("shapes", quick=True)
+    run = SeedRun(track, 0, tmp_path / "work", tmp_path / "base", 2, False)
+    assert all("answer" not in r for r in run.public)  # what the server holds
+    d = run.cfg.data
+    keyed = make_server_sets("shapes", None, 0, d.image_size, d.public_prompts, d.objective_pairs, d.eval_prompts,
+                             public_answers=True)["public"]
+    scorer = run.answer_key_scorer()
+    picked = [0, 3, 5]
+    images = [run.public[i]["image"] for i in picked]
+    questions = [run.public[i]["question"] for i in picked]
+    wrong = [next(a for a in get_family(keyed[i]["family"]).answers if a != keyed[i]["answer"]) for i in picked]
+    responses = [keyed[i]["answer"] for i in picked] + [f"{keyed[i]['answer']} because" for i in picked] + wrong
+    index = np.array([0, 1, 2] * 3)
+    scores, present = scorer(images, questions, responses, index)
+    assert scores[:, 0].tolist() == [1.0] * 6 + [0.0] * 3 and present.all()

@@ -83,6 +83,10 @@ HELDOUT = {"shapes": "size", "digits": "greater"}
 DEFAULT_CONFIGS = {"shapes": "configs/demo.yaml", "digits": "configs/bench_digits.yaml"}
 ALL_TRACKS = ("shapes", "digits", "shapes-heldout", "digits-heldout")
 METHOD_KINDS = ("base", "single", "uniform", "fedavg", "centralized", "mor")
+#: Reference rows run only when named: ``oracle`` aligns with the answer key itself as the reward (the
+#: benchmark knows it; no server does), so it measures what GRPO and this policy can learn at these
+#: settings whatever the reward models know.
+REFERENCE_KINDS = ("oracle",)
 DEFAULT_EPSILONS = (1.0, 4.0, 8.0)
 RESULTS_VERSION = 1
 # GRPO run g of a (seed, method) samples with seed + GRPO_SEED_STRIDE * g: run 0 is the seed itself,
@@ -128,6 +132,8 @@ def method_label(method: str) -> str:
         return "FedAvg RM (same architecture)"
     if method == "centralized":
         return "centralized RM, no DP (upper bound)"
+    if method == "oracle":
+        return "answer key as reward (GRPO's ceiling, reference)"
     if method == "mor:nodp":
         return "MoR, no DP"
     if method.startswith("mor:eps"):
@@ -244,10 +250,10 @@ def client_config(cfg: RunConfig, setting: str, *, family: str | None = None) ->
 def expand_methods(kinds: Sequence[str], clients: Sequence[str], epsilons: Sequence[float],
                    ref_eps: float) -> list[str]:
     """Row ids in display order: base, single:<c>..., uniform, fedavg, centralized, mor:nodp, mor:eps<E>..."""
-    unknown = [k for k in kinds if k not in METHOD_KINDS and not k.startswith(("mor:", "single:"))]
+    unknown = [k for k in kinds if k not in METHOD_KINDS + REFERENCE_KINDS and not k.startswith(("mor:", "single:"))]
     if unknown:
-        raise ConfigError(f"unknown method(s) {unknown}; use {', '.join(METHOD_KINDS)} (or mor:nodp, mor:eps8, "
-                          f"single:<client>)")
+        raise ConfigError(f"unknown method(s) {unknown}; use {', '.join(METHOD_KINDS + REFERENCE_KINDS)} (or mor:nodp, "
+                          f"mor:eps8, single:<client>)")
     strangers = [k for k in kinds if k.startswith("single:") and k.split(":", 1)[1] not in clients]
     if strangers:
         raise ConfigError(f"method(s) {strangers}: no such client; the clients are {', '.join(clients)}")
@@ -273,6 +279,7 @@ def expand_methods(kinds: Sequence[str], clients: Sequence[str], epsilons: Seque
                 raise ConfigError(f"method {k!r}: MoR rows are mor:nodp or mor:eps<E> (e.g. mor:eps8)")
             if label not in out:
                 out.append(label)
+    out += [k for k in REFERENCE_KINDS if k in kinds]
     del ref_eps
     return out
 
@@ -652,13 +659,32 @@ class SeedRun:
             out[c.name] = pairwise_accuracy(RewardModel.load(self.work / f"clients-{setting}" / c.name / "rm"), pairs)
         return out
 
+    def answer_key_scorer(self):
+        """Harness: a scorer giving 1 to a response whose first word is the oracle answer of its public
+        prompt and 0 otherwise (the ``oracle`` reference row; the server's public prompts carry no
+        answers, so the benchmark draws the same prompts again with theirs)."""
+        from mor_secure.data import make_server_sets, oracle_correct
+
+        d = self.cfg.data
+        keyed = make_server_sets(self.track.base, None, self.seed, d.image_size, d.public_prompts, d.objective_pairs,
+                                 d.eval_prompts, public_answers=True)["public"]
+        if [r["question"] for r in keyed] != [r["question"] for r in self.public]:
+            raise RuntimeError("the public prompts drawn again differ from the server's")
+        key = {id(r["image"]): (k["family"], k["answer"]) for r, k in zip(self.public, keyed)}
+
+        def scorer(images, questions, responses, index):
+            s = np.array([[float(oracle_correct(*key[id(images[i])], r))] for r, i in zip(responses, index)])
+            return s, np.ones_like(s, dtype=bool)
+
+        return scorer
+
     def method_reward_top1(self, method: str, router=None) -> dict[str, float] | None:
         """:func:`reward_top1` of ``method``'s reward on this seed's evaluation prompts (None for the base
         policy). MoR uses ``router`` when given, else fits it again as :meth:`run_method` does."""
         from mor_secure.alignment.policy import prompt_features
         from mor_secure.rewards.reward_model import RewardModel
 
-        if method == "base":
+        if method in ("base", "oracle"):  # no reward model (the answer key ranks every answer right)
             return None
         self.base_policy()  # the reference (router features)
         ref = _eps_label(self.track.ref_epsilon)
@@ -756,6 +782,8 @@ class SeedRun:
             row = self.align(method, local_scorer(rm, c.clip_bound, c.noise_std, self.seed), FixedRouter(["fedavg"]),
                              grpo_runs)
             return {**row, **info, "reward_top1": self.method_reward_top1(method)}
+        if method == "oracle":
+            return self.align(method, self.answer_key_scorer(), FixedRouter(["oracle"]), grpo_runs)
         if method == "centralized":
             rm, info = self.centralized_rm(ref)
             c = self.cfg.clients[0].scores
@@ -1176,6 +1204,8 @@ def display_order(methods: Sequence[str]) -> list[str]:
             return (METHOD_KINDS.index("mor"), -math.inf)
         if m.startswith("mor:eps"):
             return (METHOD_KINDS.index("mor"), float(m[len("mor:eps"):]))
+        if m == "oracle":  # a reference beside the upper bound
+            return (METHOD_KINDS.index("centralized") + 0.5, m)
         return (METHOD_KINDS.index(kind) if kind in METHOD_KINDS else 99, m)
 
     return sorted(methods, key=key)
@@ -1297,6 +1327,12 @@ def reading(entry: dict) -> list[str]:
     if accs:
         out.append(f"Client reward models at ε = {entry['ref_epsilon']:g}, pairwise accuracy on held-out pairs of their "
                    "own families: " + ", ".join(f"{c} {100 * np.mean(v):.0f}%" for c, v in accs.items()) + ".")
+    if "oracle" in s:
+        o = s["oracle"]
+        out.append(f"GRPO's ceiling at these settings: with the answer key itself as the reward, the policy reaches "
+                   f"{100 * o['mean'][0]:.1f}% overall (" + ", ".join(f"{f} {100 * o[f][0]:.0f}" for f in fams)
+                   + f"; {o['_seeds']} seed(s)). No reward can lift a family further than this with "
+                   f"{entry['settings']['grpo_steps']} steps of this policy.")
     both = [rows for rows in entry["seeds"].values()
             if all(m in rows and rows[m].get("reward_top1") for m in (ref, "uniform"))]
     if both:

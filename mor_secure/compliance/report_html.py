@@ -210,7 +210,7 @@ def render_html(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
               else '<p class="ok">No insecure flags in force.</p>')
     head = (
         "<tr><th>client<br><small>reward model</small></th><th>stated ε</th><th>δ</th><th>budget ε</th>"
-        f"<th>remaining ε</th><th>DP-SGD route ε</th><th>output route ε</th><th>status</th><th>insecure flags</th><th>ledger</th></tr>"
+        "<th>remaining ε</th><th>DP-SGD route ε</th><th>output route ε</th><th>status</th><th>insecure flags</th><th>ledger</th></tr>"
     )
     rows = "".join(_row(c, primary) for c in report["clients"])
     details = "".join(_details(c, plots[c["name"]], accountants, primary) for c in report["clients"])

@@ -205,11 +205,13 @@ def make_client_pairs(
 
 def make_server_sets(track: str, families: Sequence[str] | None, seed: int, image_size: int = 32,
                      n_public: int = 256, n_objective: int = 128,
-                     n_eval: int = 256) -> dict[str, list[dict[str, Any]]]:
+                     n_eval: int = 256, *, public_answers: bool = False) -> dict[str, list[dict[str, Any]]]:
     """The server's ``{"public", "objective", "eval"}`` sets (families/answers balanced).
 
     ``families=None`` means every family of the track. The objective set puts the oracle
     answer first in exactly half (floor or ceil) of its pairs, in shuffled order.
+    ``public_answers``: the benchmark harness only (its answer-key reference row) -- the public
+    prompts keep their oracle answer; a server's public prompts never have one.
     """
     fams = _track_families(track, families)
     image_size = _image_size(track, image_size)
@@ -221,7 +223,8 @@ def make_server_sets(track: str, families: Sequence[str] | None, seed: int, imag
         indices = digits.pool_indices(split) if track == "digits" else None
         samples = [_draw(track, f, t, rng, image_size, indices) for f, t in _plan(fams, sizes[split], rng)]
         if split == "public":
-            out[split] = [{k: s[k] for k in ("image", "family", "question")} for s in samples]
+            keep = ("image", "family", "question", "answer") if public_answers else ("image", "family", "question")
+            out[split] = [{k: s[k] for k in keep} for s in samples]
         elif split == "eval":
             out[split] = samples
         else:
