@@ -234,3 +234,20 @@ def test_answer_key_scorer_rewards_the_oracle_answer_only(tmp_path):
     index = np.array([0, 1, 2] * 3)
     scores, present = scorer(images, questions, responses, index)
     assert scores[:, 0].tolist() == [1.0] * 6 + [0.0] * 3 and present.all()
+
+
+def test_committed_results_still_describe_the_configs():
+    """The rows in benchmarks/alignment_results.json were measured under the current configs and code:
+    each track's fingerprint matches (a config change, or a new config field away from the default
+    the rows ran with, must come with the benchmark run again). A new field at its old behaviour's
+    default leaves the fingerprint as it was."""
+    from pathlib import Path
+
+    from mor_secure.bench.alignment import Options, load_track
+
+    stored = json.loads((Path(__file__).parents[1] / "benchmarks" / "alignment_results.json").read_text())
+    extra = {"fedavg_rounds": Options().fedavg_rounds, "quick": False}
+    for name in ("shapes", "digits"):
+        assert stored["tracks"][name]["fingerprint"] == load_track(name).fingerprint(extra), name
+    other = load_track("shapes", overrides=["grpo.steps_per_generation=2"]).fingerprint(extra)
+    assert other != stored["tracks"]["shapes"]["fingerprint"]

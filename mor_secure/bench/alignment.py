@@ -94,6 +94,9 @@ RESULTS_VERSION = 1
 GRPO_SEED_STRIDE = 1000
 #: Part of every track's fingerprint: results measured by an older version of this code are measured again.
 BENCH_VERSION = 2
+#: Config fields added after results were stored, with the default every stored result ran with: at
+#: that default a field is left out of the fingerprint, so adding it does not discard those results.
+LATER_FIELDS = {("grpo", "steps_per_generation"): 1}
 #: Non-private reward models (MoR without DP, the centralized RM) train with Adam at this learning rate,
 #: the project's setting for non-DP training (``TrainingSection.optimizer``; tests/test_reward_training.py):
 #: the configs' SGD at lr 0.5 is tuned for DP-SGD's clipped, averaged per-pair gradients, and on raw
@@ -168,6 +171,9 @@ class Track:
         """Hash of everything the results depend on; ``work=True``: of what the work folder holds
         (client data and reward models, base policies) depends on, i.e. without the router and GRPO."""
         cfg = self.cfg.to_dict()
+        for (section, key), default in LATER_FIELDS.items():  # results stored before the field existed stay valid
+            if cfg.get(section, {}).get(key) == default:
+                cfg[section] = {k: v for k, v in cfg[section].items() if k != key}
         if work:
             cfg = {k: v for k, v in cfg.items() if k not in ("router", "grpo")}
         blob = json.dumps({"config": cfg, "heldout": self.heldout, "version": BENCH_VERSION, **extra}, sort_keys=True)
