@@ -223,6 +223,12 @@ class RunConfig(_Strict):
                     raise ValueError(
                         f"clients[{i}].families: {fam!r} is not a family of data.track {self.data.track!r}; "
                         f"use one of {sorted(track_families)} or another data.track")
+        batch = self.grpo.prompts_per_step * self.grpo.steps_per_generation
+        if batch > self.data.public_prompts:  # TRL would train zero steps and only log a warning
+            raise ValueError(
+                f"grpo: one reward round trip samples grpo.prompts_per_step x grpo.steps_per_generation = {batch} "
+                f"public prompts, more than data.public_prompts ({self.data.public_prompts}); lower one of the "
+                "first two or raise data.public_prompts")
         return self
 
     @property

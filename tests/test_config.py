@@ -37,6 +37,7 @@ def test_demo_and_smoke_configs_are_valid():
     ("clients.0.model.family", "gpt2", "clients.0.model.family"),
     ("data.track", "mnist", "data.track"),
     ("clients.1.name", "hospital_a", "unique"),
+    ("grpo.steps_per_generation", 100, "grpo.steps_per_generation = 1600 public prompts, more than data.public_prompts"),
 ])
 def test_bad_values_name_the_field(path, value, fragment):
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.").replace("(", r"\(")):

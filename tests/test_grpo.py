@@ -6,11 +6,13 @@ the router has one client.
 """
 
 import numpy as np
+import pytest
 import torch
 
 from mor_secure.alignment.grpo import MixtureReward, build_dataset, run_grpo
 from mor_secure.alignment.policy import generate_answers, oracle_accuracy, prompt_features, warmup
 from mor_secure.config import GrpoSection
+from mor_secure.errors import ConfigError
 from mor_secure.data import first_word, make_samples, vocabulary
 from mor_secure.models.factory import build_vlm
 from mor_secure.rewards.router import Router
@@ -84,3 +86,8 @@ def test_steps_per_generation_scores_k_steps_in_one_round_trip(tmp_path):
     moved = [n for n, p in policy.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert moved, "the policy did not train"
     assert GrpoSection().steps_per_generation == 1  # the default samples and scores at every step
+    # fewer prompts than one round trip samples: TRL would train no step at all and only log it
+    with pytest.raises(ConfigError, match="4 x 2|prompts_per_step x grpo.steps_per_generation = 16 prompts"):
+        run_grpo(policy, build_dataset(images[:8], questions[:8], ["colour"] * 8), reward,
+                 GrpoSection(steps=8, prompts_per_step=4, num_generations=2, steps_per_generation=4),
+                 out_dir=tmp_path / "trainer2", seed=0, progress=False)

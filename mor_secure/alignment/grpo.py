@@ -25,6 +25,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from mor_secure.alignment.policy import chat_prompt
 from mor_secure.config import GrpoSection
+from mor_secure.errors import ConfigError
 from mor_secure.models.factory import VLM
 from mor_secure.rewards.router import Router
 
@@ -143,6 +144,10 @@ def run_grpo(policy: VLM, dataset: Dataset, reward: MixtureReward, cfg: GrpoSect
         disable_tqdm=True,
         seed=seed,
     )
+    if len(dataset) < cfg.prompts_per_step * cfg.steps_per_generation:  # TRL would train zero steps, silently
+        raise ConfigError(f"GRPO: one reward round trip samples grpo.prompts_per_step x grpo.steps_per_generation = "
+                          f"{cfg.prompts_per_step * cfg.steps_per_generation} prompts, but the dataset has "
+                          f"{len(dataset)}; lower one of them or give more public prompts")
     curve = _RewardCurve(cfg.steps, progress)
     trainer = GRPOTrainer(model=policy.model, processing_class=policy.processor, reward_funcs=[reward],
                           args=args, train_dataset=dataset, callbacks=[curve])

@@ -354,8 +354,8 @@ def grpo_sides(spec: dict, grid=None, progress_path: Path | None = None) -> dict
     for side, ch in channels.items():
         if ch.order != order:
             raise RuntimeError(f"side {side}: clients {ch.order}, expected {order}")
-    data = make_server_sets("shapes", None, 0, 32, n_public=gcfg.prompts_per_step * 2, n_objective=8,
-                            n_eval=8)["public"]
+    data = make_server_sets("shapes", None, 0, 32, n_public=gcfg.prompts_per_step * 2 * k, n_objective=8,
+                            n_eval=8)["public"]  # two reward round trips' prompts
     images, questions = [r["image"] for r in data], [r["question"] for r in data]
     dataset = build_dataset(images, questions, [r["family"] for r in data])
     policy0 = build_vlm("llava", vocabulary(), size="tiny", image_size=32, seed=0)
