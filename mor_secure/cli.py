@@ -447,8 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_al.add_argument("--methods", default="base,single,uniform,fedavg,centralized,mor",
                           help="comma-separated subset of base, single, uniform, fedavg, centralized, mor (MoR "
                                "without DP and at every --epsilons), or single MoR rows such as mor:eps8, mor:nodp; "
-                               "oracle (the answer key as reward: GRPO's ceiling at these settings) runs only when "
-                               "named")
+                               "oracle (the answer key as a 0/1 reward: a reference no server could have) runs "
+                               "only when named")
     bench_al.add_argument("--epsilons", default="1,4,8", help="client DP-SGD epsilons of the MoR rows")
     bench_al.add_argument("--grpo-steps", type=int, default=None, help="GRPO steps per method (default: the config's)")
     bench_al.add_argument("--grpo-runs", type=int, default=1,

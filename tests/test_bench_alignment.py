@@ -60,7 +60,7 @@ def test_quick_bench_alignment_writes_table_section_and_plots(tmp_path, capsys):
     assert "CPUs" in section  # the machine line
     for label in ("| base policy (no alignment) |", "| uniform mixture (no router) |", "| FedAvg RM",
                   "| centralized RM, no DP (upper bound) |", "| MoR, ε = 8 |", "size (held out)",
-                  "| answer key as reward (GRPO's ceiling, reference) |", "GRPO's ceiling at these settings"):
+                  "| answer key as a 0/1 reward (reference) |", "Answer key as a 0/1 reward (reference): "):
         assert label in section, label
     assert read_section(out, "other").endswith("kept as it is")
     for name in ("alignment_privacy_utility.png", "alignment_by_family.png", "alignment_router_weights.png"):

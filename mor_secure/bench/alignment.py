@@ -83,9 +83,9 @@ HELDOUT = {"shapes": "size", "digits": "greater"}
 DEFAULT_CONFIGS = {"shapes": "configs/demo.yaml", "digits": "configs/bench_digits.yaml"}
 ALL_TRACKS = ("shapes", "digits", "shapes-heldout", "digits-heldout")
 METHOD_KINDS = ("base", "single", "uniform", "fedavg", "centralized", "mor")
-#: Reference rows run only when named: ``oracle`` aligns with the answer key itself as the reward (the
-#: benchmark knows it; no server does), so it measures what GRPO and this policy can learn at these
-#: settings whatever the reward models know.
+#: Reference rows run only when named: ``oracle`` aligns with the answer key itself as the reward, 1 for
+#: the right answer and 0 for any other (the benchmark knows it; no server does): a reward that is never
+#: wrong but, unlike a reward model's graded scores, does not rank the wrong answers.
 REFERENCE_KINDS = ("oracle",)
 DEFAULT_EPSILONS = (1.0, 4.0, 8.0)
 RESULTS_VERSION = 1
@@ -136,7 +136,7 @@ def method_label(method: str) -> str:
     if method == "centralized":
         return "centralized RM, no DP (upper bound)"
     if method == "oracle":
-        return "answer key as reward (GRPO's ceiling, reference)"
+        return "answer key as a 0/1 reward (reference)"
     if method == "mor:nodp":
         return "MoR, no DP"
     if method.startswith("mor:eps"):
@@ -1335,10 +1335,12 @@ def reading(entry: dict) -> list[str]:
                    "own families: " + ", ".join(f"{c} {100 * np.mean(v):.0f}%" for c, v in accs.items()) + ".")
     if "oracle" in s:
         o = s["oracle"]
-        out.append(f"GRPO's ceiling at these settings: with the answer key itself as the reward, the policy reaches "
-                   f"{100 * o['mean'][0]:.1f}% overall (" + ", ".join(f"{f} {100 * o[f][0]:.0f}" for f in fams)
-                   + f"; {o['_seeds']} seed(s)). No reward can lift a family further than this with "
-                   f"{entry['settings']['grpo_steps']} steps of this policy.")
+        above = [method_label(m) for m in s if m not in ("base", "oracle") and s[m]["mean"][0] > o["mean"][0]]
+        out.append(f"Answer key as a 0/1 reward (reference): {100 * o['mean'][0]:.1f}% overall (" + ", ".join(
+            f"{f} {100 * o[f][0]:.0f}" for f in fams) + f"; {o['_seeds']} seed(s), {o['_runs']} GRPO run(s)). It is "
+            "never wrong, but it scores every wrong answer alike, so a prompt none of whose samples is right gives "
+            "GRPO nothing to learn from; a reward model's graded scores also rank the wrong answers. "
+            + (f"Rows above it here: {', '.join(above)}." if above else "No reward-model row is above it here."))
     both = [rows for rows in entry["seeds"].values()
             if all(m in rows and rows[m].get("reward_top1") for m in (ref, "uniform"))]
     if both:
