@@ -525,8 +525,8 @@ def reward_top1(rms: Sequence, clips: Sequence[float], router, features: torch.T
 
     The reward is the method's own: each reward model's scores clipped to its ``clips`` bound (without
     the release noise) and mixed by ``router`` (MoR's router, or :class:`FixedRouter` for one client or
-    the uniform mixture) on the reference ``features`` of each prompt. It bounds what GRPO can learn
-    from that reward: a policy that always answers what the reward ranks first scores this accuracy."""
+    the uniform mixture) on the reference ``features`` of each prompt. A policy that always gave the
+    answer its reward ranks first would score this accuracy; GRPO's policy only moves towards it."""
     from torch.nn.functional import one_hot
 
     out: dict[str, float] = {}
