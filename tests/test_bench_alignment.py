@@ -161,6 +161,11 @@ def test_targets_state_the_paired_difference_and_whether_it_is_resolved():
                                "resolved") and lines[0].endswith("(target ≥ +5: met)")
     assert "MoR minus the best single-client RM (a): " in lines[1] and "not resolved" in lines[1]
     assert lines[2].startswith("MoR minus the centralized non-private RM: -1.7") and lines[2].endswith("met)")
+    # a client without its single-RM row: the "every single client" target is not claimed
+    entry["clients"]["b"] = {"families": ["colour"]}
+    partial = targets(entry)[1]
+    assert partial.endswith("(target > 0 against every single client: not checked, no row for b; above the one "
+                            "measured)"), partial
 
 
 def test_zero_grpo_runs_is_refused(tmp_path, capsys):

@@ -1288,8 +1288,12 @@ def targets(entry: dict) -> list[str]:
     if singles:
         best = max(singles, key=singles.get)
         d, text = versus(best)
+        unmeasured = [c for c in entry["clients"] if f"single:{c}" not in s]
+        verdict = ("met" if d > 0 else "missed") if not unmeasured else (
+            f"not checked, no row for {', '.join(unmeasured)}; {'above' if d > 0 else 'not above'} the "
+            f"{'one' if len(singles) == 1 else 'best'} measured")
         lines.append(f"MoR minus the best single-client RM ({best.split(':', 1)[1]}): {text} "
-                     f"(target > 0 against every single client: {'met' if d > 0 else 'missed'})")
+                     f"(target > 0 against every single client: {verdict})")
     if "centralized" in s:
         d, text = versus("centralized")
         lines.append(f"MoR minus the centralized non-private RM: {text} (target ≥ −5: {'met' if d >= -5 else 'missed'})")
