@@ -1511,7 +1511,7 @@ def render(results: dict, *, full_command: str, date: str, machine: str, plots: 
         est = full_size_estimate(name, e)
         if est is not None:
             f, sc = est["full"], est["scale"]
-            lines += ["", f"**This run is smaller than the config** ({e['settings']['pairs_per_client']} pairs per client, "
+            lines += ["", f"**This run's sizes are not the config's** ({e['settings']['pairs_per_client']} pairs per client, "
                       f"{e['settings']['epochs']} epochs at batch {e['settings']['batch_size']}, "
                       f"{e['settings']['grpo_steps']} GRPO steps of {e['settings']['prompts_per_step']} × "
                       f"{e['settings']['num_generations']}, {e['settings']['perception_steps']} perception steps; the config: "
