@@ -161,7 +161,6 @@ def test_client_dropping_out_mid_grpo_leaves_the_run_going_with_renormalised_wei
     channel = Channel(grid, "dropout-run", tmp_path / "events.jsonl", timeout_s=60)
     assert sorted(channel.train_all(timeout_s=60)) == NAMES
 
-    beta_ledger = tmp_path / "clients" / "beta" / "ledger.jsonl"
     snapshot, asked = {}, []
     real_rm_score = RewardModel.score
 
