@@ -517,6 +517,12 @@ def make_fedavg_client_app(shared_seed: int):
     return app
 
 
+def rm_setting(method: str, ref: str) -> str:
+    """The privacy setting of the client reward models a single-client, uniform or MoR row scores with:
+    MoR's own (``mor:eps4`` -> ``eps4``), the others the config's ``ref``."""
+    return method.split(":", 1)[1] if method.startswith("mor:") else ref
+
+
 def reward_top1(rms: Sequence, clips: Sequence[float], router, features: torch.Tensor,
                 records: Sequence[dict]) -> dict[str, float]:
     """Benchmark harness: per family, the share of ``records`` (evaluation prompts with their oracle
@@ -562,6 +568,8 @@ class SeedRun:
     server: dict = field(init=False)
     reference: object = field(init=False, default=None)
     features: torch.Tensor | None = field(init=False, default=None)
+    eval_features: torch.Tensor | None = field(init=False, default=None)  # of the evaluation prompts (harness)
+    client_rms: dict = field(init=False, default_factory=dict)  # (setting, client) -> RM read from its folder
     channels: dict = field(init=False, default_factory=dict)
     phases: dict = field(init=False, default_factory=dict)  # seconds (wall, CPU) per phase of the method running
 
@@ -646,11 +654,19 @@ class SeedRun:
         self.channels[key] = (cfg, channel)
         return self.channels[key]
 
+    def client_rm(self, setting: str, name: str):
+        """Benchmark harness: client ``name``'s reward model at ``setting``, read from its folder once."""
+        from mor_secure.rewards.reward_model import RewardModel
+
+        key = (setting, name)
+        if key not in self.client_rms:
+            self.client_rms[key] = RewardModel.load(self.work / f"clients-{setting}" / name / "rm")
+        return self.client_rms[key]
+
     def rm_accuracy(self, setting: str) -> dict[str, float]:
         """Benchmark harness: each client RM's pairwise accuracy on fresh held-out pairs of its own
         families (read from the client folders; never released by a client)."""
         from mor_secure.data import make_client_pairs
-        from mor_secure.rewards.reward_model import RewardModel
         from mor_secure.rewards.train import pairwise_accuracy
 
         cfg, _ = self.clients(setting)
@@ -662,7 +678,7 @@ class SeedRun:
             pairs = make_client_pairs(d.track, list(c.families), d.heldout_pairs_per_client, seed=self.seed + 104729,
                                       image_size=d.image_size, foreign_fraction=0.0, client_index=i,
                                       n_clients=len(cfg.clients))
-            out[c.name] = pairwise_accuracy(RewardModel.load(self.work / f"clients-{setting}" / c.name / "rm"), pairs)
+            out[c.name] = pairwise_accuracy(self.client_rm(setting, c.name), pairs)
         return out
 
     def answer_key_scorer(self):
@@ -688,7 +704,6 @@ class SeedRun:
         """:func:`reward_top1` of ``method``'s reward on this seed's evaluation prompts (None for the base
         policy). MoR uses ``router`` when given, else fits it again as :meth:`run_method` does."""
         from mor_secure.alignment.policy import prompt_features
-        from mor_secure.rewards.reward_model import RewardModel
 
         if method in ("base", "oracle"):  # no reward model (the answer key ranks every answer right)
             return None
@@ -698,7 +713,7 @@ class SeedRun:
             rm, _ = self.centralized_rm(ref) if method == "centralized" else self.fedavg_rm(ref)
             rms, clips, mixer = [rm], [self.cfg.clients[0].scores.clip_bound], FixedRouter([method])
         else:
-            setting = method.split(":", 1)[1] if method.startswith("mor:") else ref
+            setting = rm_setting(method, ref)
             cfg, channel = self.clients(setting)
             names = ([method.split(":", 1)[1]] if method.startswith("single:") else sorted(channel.clients))
             if method.startswith("mor:"):
@@ -713,14 +728,13 @@ class SeedRun:
             else:
                 mixer = FixedRouter(names)
             by_name = {c.name: c for c in cfg.clients}
-            rms = [RewardModel.load(self.work / f"clients-{setting}" / n / "rm") for n in names]
+            rms = [self.client_rm(setting, n) for n in names]
             clips = [by_name[n].scores.clip_bound for n in names]
-        if getattr(self, "_eval_features", None) is None:
+        if self.eval_features is None:
             ev = self.server["eval"]
-            self._eval_features = prompt_features(self.reference, [r["image"] for r in ev],
-                                                  [r["question"] for r in ev])
+            self.eval_features = prompt_features(self.reference, [r["image"] for r in ev], [r["question"] for r in ev])
         with self.timed("reward ranking (harness)"):
-            return reward_top1(rms, clips, mixer, self._eval_features, self.server["eval"])
+            return reward_top1(rms, clips, mixer, self.eval_features, self.server["eval"])
 
     # -- GRPO and evaluation ------------------------------------------------------------------------
     def align(self, method: str, scorer, router, grpo_runs: Sequence[int] = (0,)) -> dict:
@@ -771,7 +785,7 @@ class SeedRun:
         if method.startswith("mor:"):
             from mor_secure.federation.orchestrator import fit_router_on_objective, router_weights_by_family
 
-            setting = method.split(":", 1)[1]
+            setting = rm_setting(method, ref)
             cfg, channel = self.clients(setting)
             channel.order = sorted(channel.clients)
             with self.timed("router fit"):
@@ -1001,8 +1015,7 @@ def _run_bench(opts: Options, command: str, on_row) -> dict:
                 print(f"{track.name}: settings changed since the stored results; measuring again", flush=True)
             entry = {"fingerprint": fp, "seeds": {}}
         # reward models and base policies on disk are reused when only the router or GRPO settings changed
-        work_fp = track.fingerprint({"fedavg_rounds": opts.fedavg_rounds, "quick": opts.quick}, work=True)
-        marker = work / "work_fingerprint"
+        work_fp, marker = _work_fingerprint(track, opts), work / "work_fingerprint"
         if not marker.is_file() or marker.read_text() != work_fp:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
@@ -1057,11 +1070,16 @@ def _run_bench(opts: Options, command: str, on_row) -> dict:
     return results
 
 
+def _work_fingerprint(track: Track, opts: Options) -> str:
+    """What the track's work folder (client data and RMs, base policies) was made under."""
+    return track.fingerprint({"fedavg_rounds": opts.fedavg_rounds, "quick": opts.quick}, work=True)
+
+
 def _work_on_disk(work: Path, method: str, ref: str, clients: Sequence[str]) -> bool:
     """Whether the reward models ``method`` scores with are in the seed's work folder ``work``."""
     if method in ("centralized", "fedavg"):
         return (work / f"{method}_rm" / "complete").is_file()
-    setting = method.split(":", 1)[1] if method.startswith("mor:") else ref
+    setting = rm_setting(method, ref)
     return all((work / f"clients-{setting}" / c / "rm" / "complete").is_file() for c in clients)
 
 
@@ -1083,9 +1101,8 @@ def fill_reward_top1(opts: Options) -> dict:
             track = load_track(name, opts.configs.get(name.split("-")[0]), quick=opts.quick,
                                grpo_steps=opts.grpo_steps, overrides=opts.overrides)
             work = Path(opts.work_dir) / track.name
-            work_fp = track.fingerprint({"fedavg_rounds": opts.fedavg_rounds, "quick": opts.quick}, work=True)
             marker = work / "work_fingerprint"
-            if not marker.is_file() or marker.read_text() != work_fp:
+            if not marker.is_file() or marker.read_text() != _work_fingerprint(track, opts):
                 print(f"{name}: the work folder {work} does not hold this track's reward models; skipped", flush=True)
                 continue
             ref = _eps_label(track.ref_epsilon)

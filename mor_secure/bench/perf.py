@@ -63,6 +63,8 @@ FAMILIES = ("llava", "idefics3", "paligemma")
 _OWNED = {"llava": "colour", "idefics3": "count", "paligemma": "position"}
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 TARGET_RATIO = 1.5
+#: GRPO steps per reward round trip in the deployment ``tls_executor_k4`` (grpo.steps_per_generation)
+ROUND_TRIP_STEPS = 4
 SIDE_TITLES = {"direct": "in-process (client RMs called directly)",
                "grid": "Flower messages, in-process grid (no network)",
                "tls": "Flower deployment runtime, TLS on loopback, per-message ClientApp scores itself",
@@ -71,15 +73,15 @@ SIDE_TITLES = {"direct": "in-process (client RMs called directly)",
                "tls_adaptive": "the same, SuperNodes run by `mor-secure client supernode` (adaptive poll)",
                "tls_executor": "the same, each scoring service is its SuperNode's ClientApp executor "
                                "(`client serve --runtime-api`, `--isolation process`: no process per message)",
-               "tls_executor_k4": "the same, 4 GRPO steps per reward round trip (`grpo.steps_per_generation: 4`, "
-                                  "both sides)"}
+               "tls_executor_k4": f"the same, {ROUND_TRIP_STEPS} GRPO steps per reward round trip "
+                                  f"(`grpo.steps_per_generation: {ROUND_TRIP_STEPS}`, both sides)"}
 # the deployments after the first (sides direct and tls): how each runs its clients, and for how
 # many GRPO steps one reward round trip scores (grpo.steps_per_generation; 1 when not given)
 EXTRA_DEPLOYMENTS = {"tls_service": {"service": True, "adaptive_poll": False},
                      "tls_adaptive": {"service": True, "adaptive_poll": True},
                      "tls_executor": {"service": True, "adaptive_poll": True, "executor": True},
                      "tls_executor_k4": {"service": True, "adaptive_poll": True, "executor": True,
-                                         "steps_per_generation": 4}}
+                                         "steps_per_generation": ROUND_TRIP_STEPS}}
 
 
 
@@ -600,7 +602,7 @@ def bench_grpo_transport(clients: int = 3, *, steps: int = 3, repeats: int = 2, 
     ``"grid"`` only the in-process Flower grid (sides direct, grid; no processes started).
     The default step shape is the demo's (16 prompts x 8 samples, 1 completion token).
     ``steps``: reward calls per run; each scores ``steps_per_generation`` GRPO steps (the
-    deployment ``tls_executor_k4`` uses 4 whatever this is).
+    deployment ``tls_executor_k4`` uses ``ROUND_TRIP_STEPS`` whatever this is).
     """
     from mor_secure.crypto.provision import provision
     from mor_secure.deploy.client_init import init_client_folder
@@ -864,8 +866,8 @@ _DEPLOYED = {"tls": ("with a ClientApp process that loads everything per message
              "tls_adaptive": ("with the service and the SuperNodes' adaptive poll", "with both"),
              "tls_executor": ("with the service as its SuperNode's ClientApp executor and the adaptive poll",
                               "with the service as executor"),
-             "tls_executor_k4": ("with the service as executor and 4 GRPO steps per reward round trip",
-                                 "with the service as executor and 4 steps per round trip")}
+             "tls_executor_k4": (f"with the service as executor and {ROUND_TRIP_STEPS} GRPO steps per reward round "
+                                 "trip", f"with the service as executor and {ROUND_TRIP_STEPS} steps per round trip")}
 
 
 def _transport_analysis(b: dict, cpus) -> list[str]:
@@ -882,12 +884,14 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
              + f", and {s['grid']['reward_extra_s']:.3f} s with in-process Flower messages."]
     if "tls_executor_k4" in s:
         k4 = s["tls_executor_k4"]
-        lines += ["", f"With 4 GRPO steps per reward round trip (`grpo.steps_per_generation: 4` on both sides: the "
-                  f"policy samples 4 steps' prompts at once, the clients score them in one request, and each of the "
-                  f"next 4 steps trains on one slice): **{k4['ratio']:.2f}x** "
+        k = ROUND_TRIP_STEPS
+        lines += ["", f"With {k} GRPO steps per reward round trip (`grpo.steps_per_generation: {k}` on both sides: the "
+                  f"policy samples {k} steps' prompts at once, the clients score them in one request, and each of the "
+                  f"next {k} steps trains on one slice): **{k4['ratio']:.2f}x** "
                   f"({'within' if k4['ratio'] <= TARGET_RATIO else 'above'} {TARGET_RATIO}x); the round trip adds "
                   f"{k4['reward_extra_s']:.2f} s per step. This is another GRPO schedule than the demo's (the later "
-                  f"slices are sampled by a policy up to 3 steps old, which TRL's clipped importance ratio corrects); "
+                  f"slices are sampled by a policy up to {k - 1} steps old, which TRL's clipped importance ratio "
+                  f"corrects); "
                   f"its effect on alignment quality is not measured by `bench alignment`, so the target above is "
                   f"judged on one round trip per step."]
     cold = b.get("clientapp_cold_start")
@@ -963,9 +967,9 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
     return lines
 
 
-_K4_TEXT = (", and a fifth like the fourth with 4 GRPO steps per reward round trip on both of its sides (each "
-            "run then makes 4 times the steps for the same number of reward calls; a step's time is the interval "
-            "between two reward calls divided by 4)")
+_K4_TEXT = (f", and a fifth like the fourth with {ROUND_TRIP_STEPS} GRPO steps per reward round trip on both of its "
+            f"sides (each run then makes {ROUND_TRIP_STEPS} times the steps for the same number of reward calls; a "
+            f"step's time is the interval between two reward calls divided by {ROUND_TRIP_STEPS})")
 
 
 def render(result: dict, command: str, date: str, machine_line: str | None = None) -> str:
