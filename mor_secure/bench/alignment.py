@@ -523,6 +523,12 @@ def rm_setting(method: str, ref: str) -> str:
     return method.split(":", 1)[1] if method.startswith("mor:") else ref
 
 
+def row_clients(method: str, clients) -> list[str]:
+    """The client reward models a single-client, uniform or MoR row scores with: the named client for
+    ``single:NAME``, else every client of ``clients`` in sorted order."""
+    return [method.split(":", 1)[1]] if method.startswith("single:") else sorted(clients)
+
+
 def reward_top1(rms: Sequence, clips: Sequence[float], router, features: torch.Tensor,
                 records: Sequence[dict]) -> dict[str, float]:
     """Benchmark harness: per family, the share of ``records`` (evaluation prompts with their oracle
@@ -703,8 +709,6 @@ class SeedRun:
     def method_reward_top1(self, method: str, router=None) -> dict[str, float] | None:
         """:func:`reward_top1` of ``method``'s reward on this seed's evaluation prompts (None for the base
         policy). MoR uses ``router`` when given, else fits it again as :meth:`run_method` does."""
-        from mor_secure.alignment.policy import prompt_features
-
         if method in ("base", "oracle"):  # no reward model (the answer key ranks every answer right)
             return None
         self.base_policy()  # the reference (router features)
@@ -715,7 +719,7 @@ class SeedRun:
         else:
             setting = rm_setting(method, ref)
             cfg, channel = self.clients(setting)
-            names = ([method.split(":", 1)[1]] if method.startswith("single:") else sorted(channel.clients))
+            names = row_clients(method, channel.clients)
             if method.startswith("mor:"):
                 if router is None:
                     from mor_secure.federation.orchestrator import fit_router_on_objective
@@ -730,11 +734,17 @@ class SeedRun:
             by_name = {c.name: c for c in cfg.clients}
             rms = [self.client_rm(setting, n) for n in names]
             clips = [by_name[n].scores.clip_bound for n in names]
+        with self.timed("reward ranking (harness)"):
+            return reward_top1(rms, clips, mixer, self.evaluation_features(), self.server["eval"])
+
+    def evaluation_features(self) -> torch.Tensor:
+        """The evaluation prompts' router features under the reference (computed once per seed)."""
+        from mor_secure.alignment.policy import prompt_features
+
         if self.eval_features is None:
             ev = self.server["eval"]
             self.eval_features = prompt_features(self.reference, [r["image"] for r in ev], [r["question"] for r in ev])
-        with self.timed("reward ranking (harness)"):
-            return reward_top1(rms, clips, mixer, self.eval_features, self.server["eval"])
+        return self.eval_features
 
     # -- GRPO and evaluation ------------------------------------------------------------------------
     def align(self, method: str, scorer, router, grpo_runs: Sequence[int] = (0,)) -> dict:
@@ -774,7 +784,7 @@ class SeedRun:
         self.base_policy()  # reference and features first
         if method.startswith("single:") or method == "uniform":
             cfg, channel = self.clients(ref)
-            names = [method.split(":", 1)[1]] if method != "uniform" else sorted(channel.clients)
+            names = row_clients(method, channel.clients)
             saved = channel.order
             channel.order = names
             try:
@@ -792,7 +802,8 @@ class SeedRun:
                 router, fit, _ = fit_router_on_objective(channel, self.reference, self.server["objective"], cfg,
                                                          progress=self.progress)
             torch.set_num_threads(_threads())
-            weights = router_weights_by_family(router, self.reference, self.server["eval"])
+            weights = router_weights_by_family(router, self.reference, self.server["eval"],
+                                              self.evaluation_features())
             row = self.align(method, channel_scorer(channel), router, grpo_runs)
             return {**row, "router_weights": weights, "router_objective_accuracy": fit.accuracy,
                     "rm_accuracy": self.rm_accuracy(setting), "reward_top1": self.method_reward_top1(method, router)}

@@ -72,10 +72,13 @@ def fit_router_on_objective(channel: Channel, reference, objective: list[dict], 
     return router, fit, p
 
 
-def router_weights_by_family(router: Router, reference, records: list[dict]) -> dict[str, dict[str, float]]:
-    """The router's mean weight per client on ``records``' prompts (every client present), by family."""
+def router_weights_by_family(router: Router, reference, records: list[dict],
+                             features: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
+    """The router's mean weight per client on ``records``' prompts (every client present), by family;
+    ``features``: the prompts' :func:`prompt_features` when the caller already has them."""
     families = [r["family"] for r in records]
-    feats = prompt_features(reference, [r["image"] for r in records], [r["question"] for r in records])
+    feats = features if features is not None else prompt_features(
+        reference, [r["image"] for r in records], [r["question"] for r in records])
     with torch.no_grad():
         weights = masked_weights(router.logits(feats), torch.ones(len(router.clients), dtype=torch.bool))
     per_family = {}
