@@ -309,7 +309,8 @@ def cmd_bench_alignment(args: argparse.Namespace) -> int:
         return 0
     plots = Path(args.plots) if args.plots else out.parent / "benchmarks"
     body = alignment.write_report(results, out, plots, full_command="mor-secure bench alignment",
-                                  wall_s=None if args.report_only else time.perf_counter() - start)
+                                  wall_s=None if args.report_only else time.perf_counter() - start,
+                                  results_path=opts.results)
     print(body)
     print(f"written: section '{alignment.SECTION}' of {out}; plots in {plots}; results {opts.results}")
     return 0

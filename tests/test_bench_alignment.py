@@ -256,3 +256,33 @@ def test_committed_results_still_describe_the_configs():
         assert stored["tracks"][name]["fingerprint"] == load_track(name).fingerprint(extra), name
     other = load_track("shapes", overrides=["grpo.steps_per_generation=2"]).fingerprint(extra)
     assert other != stored["tracks"]["shapes"]["fingerprint"]
+
+
+def test_other_step_budgets_are_found_beside_the_results_and_compared_per_track(tmp_path):
+    from mor_secure.bench.alignment import budget_comparison, other_budget_files
+
+    main_path = tmp_path / "alignment_results.json"
+    long_path = tmp_path / "alignment_results_800steps.json"
+    for p in (main_path, long_path, tmp_path / "alignment_results_quick.json"):
+        p.write_text("{}")
+    (tmp_path / "alignment_800steps.md").write_text("page")
+    assert other_budget_files(main_path) == [(long_path, tmp_path / "alignment_800steps.md")]
+    assert other_budget_files(long_path) == []  # a budget's own page does not list the others
+
+    def entry(steps, mor, uni, **settings):
+        seeds = {str(k): {"mor:eps8": {"accuracy": {"mean": mor + d}}, "uniform": {"accuracy": {"mean": uni}}}
+                 for k, d in enumerate([0.0, 0.02, -0.01])}
+        return {"seeds": seeds, "families": [], "ref_epsilon": 8.0, "clients": {},
+                "settings": {"grpo_steps": steps, "pairs_per_client": 3000, **settings}}
+
+    short = entry(400, 0.46, 0.43)
+    lines = budget_comparison("shapes", short, [("alignment_800steps.md", {"tracks": {"shapes": entry(800, 0.53, 0.43)}})])
+    assert "| method | 400 GRPO steps | 800 GRPO steps |" in lines
+    assert "| MoR, ε = 8 | 46.3 ± 1.5 (3) | 53.3 ± 1.5 (3) |" in lines
+    bullet = [x for x in lines if x.startswith("- At 800 GRPO steps")]
+    assert len(bullet) == 1 and "every other setting as above" in bullet[0]
+    assert "minus the uniform mixture: +10.3" in bullet[0] and "(target ≥ +5: met)" in bullet[0]
+    # a file of another track adds nothing; differing settings are named, not called the same
+    assert budget_comparison("digits", short, [("x.md", {"tracks": {"shapes": short}})]) == []
+    other = budget_comparison("shapes", short, [("y.md", {"tracks": {"shapes": entry(800, 0.5, 0.4, pairs_per_client=100)}})])
+    assert any("other settings differ: pairs_per_client 3000 → 100" in x for x in other)

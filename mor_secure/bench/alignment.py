@@ -1420,9 +1420,56 @@ def _reused_work(entry: dict) -> str:
     return ", ".join(sorted(what for what, phase in need.items() if phase not in phases))
 
 
+OTHER_BUDGET_GLOB = "alignment_results_*steps.json"  # results files of other GRPO step budgets
+
+
+def other_budget_files(results_path: Path) -> list[tuple[Path, Path | None]]:
+    """Results files of other GRPO step budgets beside ``results_path`` (``alignment_results_800steps.json``
+    and so on; none when ``results_path`` is itself one), each with its page (``alignment_800steps.md``)
+    when that exists."""
+    results_path = Path(results_path)
+    if results_path.match(OTHER_BUDGET_GLOB):
+        return []
+    found = []
+    for path in sorted(results_path.parent.glob(OTHER_BUDGET_GLOB)):
+        page = path.with_name("alignment_" + path.stem[len("alignment_results_"):] + ".md")
+        found.append((path, page if page.is_file() else None))
+    return found
+
+
+def budget_comparison(name: str, entry: dict, others: Sequence[tuple[str, dict]]) -> list[str]:
+    """Track ``name`` beside the same track in other results files (``others``: (link, results)) run
+    with other GRPO step budgets: every row's overall accuracy at each budget, then the targets at each."""
+    theirs = [(link, r["tracks"][name]) for link, r in others if name in r.get("tracks", {})]
+    if not theirs:
+        return []
+    entries = [("", entry)] + theirs
+    steps = [e["settings"]["grpo_steps"] for _, e in entries]
+    summaries = [summarise(e) for _, e in entries]
+    methods = display_order({m for s in summaries for m in s})
+    lines = ["", "The same track at other GRPO step budgets (separate results files; their pages list the commands "
+             "that produced them). Overall oracle accuracy (%), mean ± std over seeds (seeds, GRPO runs):", "",
+             "| method | " + " | ".join(f"{n} GRPO steps" for n in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    for m in methods:
+        cells = [f"{_pct(*s[m]['mean'])} ({s[m]['_seeds']}" + (f", {s[m]['_runs']})" if s[m]["_runs"] else ")")
+                 if m in s else "—" for s in summaries]
+        lines.append(f"| {method_label(m)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for link, e in theirs:
+        same = {k: v for k, v in e["settings"].items() if k != "grpo_steps"} == {
+            k: v for k, v in entry["settings"].items() if k != "grpo_steps"}
+        differ = [f"{k} {entry['settings'].get(k)} → {v}" for k, v in e["settings"].items()
+                  if k != "grpo_steps" and entry["settings"].get(k) != v]
+        lines.append(f"- At {e['settings']['grpo_steps']} GRPO steps ([{link}]({link}); "
+                     + ("every other setting as above" if same else "other settings differ: " + ", ".join(differ))
+                     + "): " + "; ".join(targets(e)) + ".")
+    return lines
+
+
 def render(results: dict, *, full_command: str, date: str, machine: str, plots: dict[str, str],
-           wall_s: float | None = None, note: str = "") -> str:
-    """The BENCHMARKS.md section body."""
+           wall_s: float | None = None, note: str = "", others: Sequence[tuple[str, dict]] = ()) -> str:
+    """The BENCHMARKS.md section body; ``others``: (link, results) of other GRPO step budgets, compared
+    per track (:func:`budget_comparison`)."""
     tracks = results["tracks"]
     lines = [
         "What it measures (`mor_secure/bench/alignment.py`): on each track, every method aligns the same base "
@@ -1536,6 +1583,7 @@ def render(results: dict, *, full_command: str, date: str, machine: str, plots: 
         if t:
             lines += ["", "Against the issue's targets (overall means):", ""] + [f"- {x}" for x in t]
         lines += ["", "Reading:", ""] + [f"- {x}" for x in reading(e)]
+        lines += budget_comparison(name, e, others)
         est = full_size_estimate(name, e)
         if est is not None:
             f, sc = est["full"], est["scale"]
@@ -1714,8 +1762,9 @@ def plot_all(results: dict, folder: Path) -> dict[str, Path]:
 
 
 def write_report(results: dict, out: Path | str, plots_dir: Path | str, *, full_command: str,
-                 wall_s: float | None = None, note: str = "") -> str:
-    """Plots under ``plots_dir``, then the ``alignment`` section of the BENCHMARKS.md at ``out``."""
+                 wall_s: float | None = None, note: str = "", results_path: Path | str | None = None) -> str:
+    """Plots under ``plots_dir``, then the ``alignment`` section of the BENCHMARKS.md at ``out``;
+    with ``results_path``, the results of other GRPO step budgets beside it are compared per track."""
     import datetime as dt
 
     from mor_secure.bench.markdown import update_section
@@ -1726,7 +1775,10 @@ def write_report(results: dict, out: Path | str, plots_dir: Path | str, *, full_
     links = {title: os.path.relpath(path, out.parent.resolve() if out.parent.exists() else out.parent)
              for title, path in ((t, Path(p).resolve()) for t, p in files.items())}
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    base = out.parent.resolve() if out.parent.exists() else out.parent
+    others = [(os.path.relpath((page or path).resolve(), base), load_results(path))
+              for path, page in (other_budget_files(Path(results_path)) if results_path else [])]
     body = render(results, full_command=full_command, date=date, machine=machine(), plots=links,
-                  wall_s=wall_s, note=note)
+                  wall_s=wall_s, note=note, others=others)
     update_section(out, SECTION, TITLE, body)
     return body
