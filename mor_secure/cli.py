@@ -275,7 +275,7 @@ def cmd_bench_alignment(args: argparse.Namespace) -> int:
 
     repo = default_out().parent
     opts = alignment.Options(
-        tracks=[t for t in args.tracks.split(",") if t], seeds=args.seeds,
+        tracks=[t for t in args.tracks.split(",") if t], seeds=args.seeds, first_seed=args.first_seed,
         methods=[m for m in args.methods.split(",") if m],
         epsilons=[float(e) for e in args.epsilons.split(",") if e], grpo_steps=args.grpo_steps,
         fedavg_rounds=args.fedavg_rounds, quick=args.quick,
@@ -444,7 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_al.add_argument("--tracks", default="shapes,digits,shapes-heldout,digits-heldout",
                           help="comma-separated: shapes, digits, and their -heldout variants (one family owned by "
                                "no client: generalisation)")
-    bench_al.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per track")
+    bench_al.add_argument("--seeds", type=int, default=3, help="N seeds per track, from --first-seed")
+    bench_al.add_argument("--first-seed", type=int, default=0,
+                          help="first seed (default 0): processes with distinct seeds, each with its own --results "
+                               "and --work-dir, run parts of the benchmark side by side")
     bench_al.add_argument("--methods", default="base,single,uniform,fedavg,centralized,mor",
                           help="comma-separated subset of base, single, uniform, fedavg, centralized, mor (MoR "
                                "without DP and at every --epsilons), or single MoR rows such as mor:eps8, mor:nodp; "

@@ -105,7 +105,16 @@ def test_quick_bench_alignment_writes_table_section_and_plots(tmp_path, capsys):
             assert set(filled[m]["reward_top1"]) == set(top)
         else:  # the same reward models, clipped, no noise: the same ranking
             assert filled[m]["reward_top1"] == top, m
+
+    # another seed on its own (parts of the benchmark side by side): only seed 1 runs; seed 0 is kept
+    argv3 = [a if a != ",".join(METHODS) else "base" for a in argv] + ["--first-seed", "1"]
+    assert main(argv3) == 0
+    seeds = json.loads(results.read_text())["tracks"]["shapes-heldout"]["seeds"]
+    assert set(seeds) == {"0", "1"} and set(seeds["1"]) == {"base"}
+    assert {m: r["finished"] for m, r in seeds["0"].items()} == {m: r["finished"] for m, r in filled.items()}
     capsys.readouterr()
+    assert main(argv3[:-1] + ["-1"]) == 2
+    assert "--first-seed -1 --seeds 1: the first seed is 0 or more" in capsys.readouterr().err
     assert main(argv + ["--fill-reward-top1", "--report-only"]) == 2
     assert "--report-only and --fill-reward-top1 exclude each other" in capsys.readouterr().err
 

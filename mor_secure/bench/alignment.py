@@ -960,6 +960,7 @@ def merge_rows(old: dict, new: dict) -> dict:
 class Options:
     tracks: Sequence[str] = ("shapes", "digits", "shapes-heldout", "digits-heldout")
     seeds: int = 3
+    first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (parts of the benchmark in parallel)
     methods: Sequence[str] = METHOD_KINDS
     epsilons: Sequence[float] = DEFAULT_EPSILONS
     grpo_steps: int | None = None
@@ -985,6 +986,9 @@ def run_bench(opts: Options, *, command: str = "mor-secure bench alignment",
 
     if opts.grpo_runs < 1:
         raise ConfigError(f"--grpo-runs {opts.grpo_runs}: at least 1 GRPO run per seed and method")
+    if opts.first_seed < 0 or opts.seeds < 1:
+        raise ConfigError(f"--first-seed {opts.first_seed} --seeds {opts.seeds}: the first seed is 0 or more and "
+                          "at least 1 seed runs")
     quiet_libraries()
     torch.set_num_threads(_threads())
     try:
@@ -1039,7 +1043,7 @@ def _run_bench(opts: Options, command: str, on_row) -> dict:
             entry["commands"].append(command)
         results["tracks"][track.name] = entry
         save_results(opts.results, results)
-        for seed in range(opts.seeds):
+        for seed in range(opts.first_seed, opts.first_seed + opts.seeds):
             rows = entry["seeds"].setdefault(str(seed), {})
             todo = [m for m in run_order(methods, track.ref_epsilon) if missing_runs(rows, m, opts.grpo_runs)]
             if not todo:
