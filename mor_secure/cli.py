@@ -287,7 +287,8 @@ def cmd_bench_alignment(args: argparse.Namespace) -> int:
             "alignment_results_quick.json" if args.quick else "alignment_results.json"),
         fresh=args.fresh, progress=not args.no_progress, grpo_runs=args.grpo_runs)
     defaults = vars(build_parser().parse_args(["bench", "alignment"]))
-    skip = ("func", "out", "results", "work_dir", "plots", "no_progress", "fresh", "report_only", "fill_reward_top1")
+    skip = ("func", "out", "results", "work_dir", "plots", "no_progress", "fresh", "report_only", "fill_reward_top1",
+            "merge")
     given = [(k, v) for k, v in vars(args).items() if k in defaults and k not in skip and v != defaults[k]]
     parts = []
     for k, v in given:
@@ -297,7 +298,11 @@ def cmd_bench_alignment(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.report_only and args.fill_reward_top1:
         raise ConfigError("--report-only and --fill-reward-top1 exclude each other: the second computes")
-    if args.report_only:
+    if args.merge and args.fill_reward_top1:
+        raise ConfigError("--merge and --fill-reward-top1 exclude each other: merge first, then fill")
+    if args.merge:
+        results = alignment.merge_results(opts.results, [Path(p) for p in args.merge])
+    elif args.report_only:
         results = alignment.load_results(opts.results)
     elif args.fill_reward_top1:
         results = alignment.fill_reward_top1(opts)
@@ -309,7 +314,7 @@ def cmd_bench_alignment(args: argparse.Namespace) -> int:
         return 0
     plots = Path(args.plots) if args.plots else out.parent / "benchmarks"
     body = alignment.write_report(results, out, plots, full_command="mor-secure bench alignment",
-                                  wall_s=None if args.report_only else time.perf_counter() - start,
+                                  wall_s=None if args.report_only or args.merge else time.perf_counter() - start,
                                   results_path=opts.results)
     print(body)
     print(f"written: section '{alignment.SECTION}' of {out}; plots in {plots}; results {opts.results}")
@@ -476,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_al.add_argument("--work-dir", help="client folders, reward models, base policies (default: "
                           "runs/bench-alignment)")
     bench_al.add_argument("--fresh", action="store_true", help="ignore stored results and measure everything again")
+    bench_al.add_argument("--merge", action="append", default=[], metavar="RESULTS",
+                          help="join the rows of another results file (e.g. a process run with --first-seed) into "
+                               "--results, then rebuild the section and plots; measures nothing (repeatable)")
     bench_al.add_argument("--report-only", action="store_true",
                           help="only rebuild the section and plots from the results JSON")
     bench_al.add_argument("--fill-reward-top1", action="store_true",

@@ -295,3 +295,49 @@ def test_other_step_budgets_are_found_beside_the_results_and_compared_per_track(
     assert budget_comparison("digits", short, [("x.md", {"tracks": {"shapes": short}})]) == []
     other = budget_comparison("shapes", short, [("y.md", {"tracks": {"shapes": entry(800, 0.5, 0.4, pairs_per_client=100)}})])
     assert any("other settings differ: pairs_per_client 3000 → 100" in x for x in other)
+
+
+def test_results_of_processes_run_side_by_side_are_merged(tmp_path, capsys):
+    """``--merge``: rows of other seeds (a process run with --first-seed) and further GRPO runs join the
+    results file and its section; the same measurement twice, the same GRPO run measured twice, or a
+    track under other settings is refused with nothing written."""
+    from pathlib import Path
+
+    committed = json.loads((Path(__file__).parents[1] / "benchmarks" / "alignment_results.json").read_text())
+    shapes = committed["tracks"]["shapes"]  # its description (families, clients, settings); rows made here
+
+    def row(mean, run=0, finished="2026-12-01T04:00:00"):
+        acc = {**{f: mean for f in shapes["families"]}, "mean": mean}
+        return {"accuracy": acc, "finished": finished, "seconds": 10.0,
+                "grpo_runs": [{"grpo_run": run, "accuracy": acc, "grpo_steps": 400, "reward_first": 0.0,
+                               "reward_last": 1.0, "kl_last": 0.1}]}
+
+    def results(seeds, command, fingerprint=shapes["fingerprint"]):
+        entry = {**shapes, "fingerprint": fingerprint, "seeds": seeds, "commands": [command], "failed": {}}
+        return {"version": 1, "tracks": {"shapes": entry}}
+
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(json.dumps(results({"0": {"uniform": row(0.4)}, "1": {"uniform": row(0.5)}}, "cmd A")))
+    second.write_text(json.dumps(results(
+        {"0": {"uniform": row(0.6, run=1, finished="2026-12-01T05:00:00")}, "2": {"uniform": row(0.3)}}, "cmd B")))
+    out = tmp_path / "BENCHMARKS.md"
+    argv = ["bench", "alignment", "--results", str(first), "--out", str(out), "--plots", str(tmp_path / "p")]
+    assert main(argv + ["--merge", str(second)]) == 0
+    track = json.loads(first.read_text())["tracks"]["shapes"]
+    assert sorted(track["seeds"]) == ["0", "1", "2"] and track["commands"] == ["cmd A", "cmd B"]
+    joined = track["seeds"]["0"]["uniform"]
+    assert [r["grpo_run"] for r in joined["grpo_runs"]] == [0, 1] and joined["accuracy"]["mean"] == pytest.approx(0.5)
+    assert track["seeds"]["2"]["uniform"]["accuracy"]["mean"] == 0.3
+    assert "| uniform mixture (no router) |" in read_section(out, "alignment")
+    # merging the same file again: the same rows, nothing measured twice
+    assert main(argv + ["--merge", str(second)]) == 2
+    assert "seed 0: GRPO run(s) [1] of uniform measured in both files" in capsys.readouterr().err
+    assert json.loads(first.read_text())["tracks"]["shapes"] == track  # nothing written
+    # another track setting is never mixed in
+    third = tmp_path / "third.json"
+    third.write_text(json.dumps(results({"5": {"uniform": row(0.9)}}, "cmd C", fingerprint="other")))
+    assert main(argv + ["--merge", str(third)]) == 2
+    assert "track shapes was measured under other settings" in capsys.readouterr().err
+    assert main(argv + ["--merge", str(tmp_path / "missing.json")]) == 2
+    assert "no such results file" in capsys.readouterr().err
+    assert json.loads(first.read_text())["tracks"]["shapes"] == track

@@ -955,6 +955,58 @@ def merge_rows(old: dict, new: dict) -> dict:
     return merged
 
 
+def merge_results(path: Path, others: Sequence[Path]) -> dict:
+    """Join into the results file ``path`` the rows of ``others`` (results files of processes that ran
+    other seeds or methods with ``--first-seed``, ``--seeds`` and ``--methods``) and save it.
+
+    A track joins only where it was measured under the same settings (the same fingerprint). A row
+    already in ``path`` with the same finish time is the same measurement; a (seed, method) measured
+    in both with different GRPO runs is joined run by run (``merge_rows``); the same GRPO run measured
+    twice is refused, as is a track under other settings: nothing is written then."""
+    results = load_results(path)
+    for other in others:
+        if not Path(other).is_file():
+            raise ConfigError(f"--merge {other}: no such results file")
+        data = json.loads(Path(other).read_text())
+        if data.get("version") != RESULTS_VERSION:
+            raise ConfigError(f"--merge {other}: results version {data.get('version')!r}, this code writes "
+                              f"{RESULTS_VERSION}; run its rows again with this code")
+        for name, theirs in data["tracks"].items():
+            mine = results["tracks"].get(name)
+            if mine is None:
+                results["tracks"][name] = theirs
+                continue
+            if mine["fingerprint"] != theirs["fingerprint"]:
+                raise ConfigError(f"--merge {other}: track {name} was measured under other settings than in {path} "
+                                  f"(fingerprint {theirs['fingerprint']}, not {mine['fingerprint']}: another config, "
+                                  "--grpo-steps, --quick, --set or FedAvg rounds); merge it into a results file of "
+                                  "its own settings")
+            for seed, rows in theirs["seeds"].items():
+                kept = mine["seeds"].setdefault(seed, {})
+                for method, row in rows.items():
+                    if method not in kept:
+                        kept[method] = row
+                        continue
+                    if kept[method].get("finished") == row.get("finished"):
+                        continue
+                    ours = {r["grpo_run"] for r in grpo_runs_of(kept[method])}
+                    new_runs = {r["grpo_run"] for r in grpo_runs_of(row)}
+                    if not ours or not new_runs or ours & new_runs:
+                        what = f"GRPO run(s) {sorted(ours & new_runs)} of" if ours & new_runs else "the row"
+                        raise ConfigError(f"--merge {other}: track {name} seed {seed}: {what} {method} measured in "
+                                          f"both files; keep one (remove it from the other file) and merge again")
+                    kept[method] = merge_rows(kept[method], row)
+            for seed, failures in theirs.get("failed", {}).items():
+                for method, failure in failures.items():
+                    if method not in mine["seeds"].get(seed, {}):
+                        mine.setdefault("failed", {}).setdefault(seed, {})[method] = failure
+            for command in theirs.get("commands", []):
+                if command not in mine.setdefault("commands", []):
+                    mine["commands"].append(command)
+    save_results(path, results)
+    return results
+
+
 # -- the whole benchmark -----------------------------------------------------------------------------
 @dataclass
 class Options:
