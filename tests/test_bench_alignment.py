@@ -69,6 +69,8 @@ def test_quick_bench_alignment_writes_table_section_and_plots(tmp_path, capsys):
         assert f"(benchmarks/{name})" in section
 
     assert "Reward ranking (benchmark harness)" in section and "Reward against policy (1 seed(s)" in section
+    held = [x for x in section.splitlines() if x.startswith("- Held-out family size (owned by no client): the router gives ")]
+    assert len(held) == 1 and "Accuracy on size: MoR, ε = 8 " in held[0] and "(chance 50%)" in held[0], held
 
     # the same command again: every row is in the results file, nothing is measured twice
     stamps = {m: r["finished"] for m, r in rows.items()}

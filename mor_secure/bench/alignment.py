@@ -1389,6 +1389,8 @@ def targets(entry: dict) -> list[str]:
 def reading(entry: dict) -> list[str]:
     """Facts that explain the table, computed from the results: the evaluation's resolution, where
     the router puts its weight, how good the clients' reward models are, what MoR changed per family."""
+    from mor_secure.data.families import get_family
+
     s = summarise(entry)
     out: list[str] = []
     n_eval, fams = entry["settings"]["eval_prompts"], list(entry["families"])
@@ -1414,6 +1416,18 @@ def reading(entry: dict) -> list[str]:
         out.append(f"Router (MoR at ε = {entry['ref_epsilon']:g}): the owning client gets {min(own.values()):.2f} to "
                    f"{max(own.values()):.2f} of the weight on its families (mean {np.mean(list(own.values())):.2f})"
                    + (f"; less than half on {', '.join(weak)}." if weak else "."))
+    for f in entry.get("heldout", []):
+        if f not in w or not w[f]:
+            continue
+        top = max(w[f], key=w[f].get)
+        accs_f = ", ".join(f"{method_label(m)} {100 * s[m][f][0]:.0f}%" for m in (ref, "uniform", "base") if m in s)
+        ranks = [rows[ref]["reward_top1"][f] for rows in entry["seeds"].values() if rows.get(ref, {}).get("reward_top1")]
+        out.append(f"Held-out family {f} (owned by no client): the router gives {top} {w[f][top]:.2f} of the weight "
+                   "there (mean over seeds; the fit's entropy penalty, `router.entropy_weight`, favours one client over "
+                   f"a blend, rewards/router.py). Accuracy on {f}: {accs_f} (chance "
+                   f"{100 / len(get_family(f).answers):.0f}%)"
+                   + (f"; MoR's reward ranks its oracle answer first on {100 * np.mean(ranks):.0f}% of its prompts"
+                      if ranks else "") + ".")
     accs: dict[str, list[float]] = {}
     for rows in entry["seeds"].values():
         for c, a in (rows.get(ref, {}).get("rm_accuracy") or {}).items():
