@@ -1423,8 +1423,8 @@ def reading(entry: dict) -> list[str]:
         accs_f = ", ".join(f"{method_label(m)} {100 * s[m][f][0]:.0f}%" for m in (ref, "uniform", "base") if m in s)
         ranks = [rows[ref]["reward_top1"][f] for rows in entry["seeds"].values() if rows.get(ref, {}).get("reward_top1")]
         out.append(f"Held-out family {f} (owned by no client): the router gives {top} {w[f][top]:.2f} of the weight "
-                   "there (mean over seeds; the fit's entropy penalty, `router.entropy_weight`, favours one client over "
-                   f"a blend, rewards/router.py). Accuracy on {f}: {accs_f} (chance "
+                   "there (mean over seeds), fitted on the objective set's pairs of a family no client's reward model "
+                   f"was trained on. Accuracy on {f}: {accs_f} (chance "
                    f"{100 / len(get_family(f).answers):.0f}%)"
                    + (f"; MoR's reward ranks its oracle answer first on {100 * np.mean(ranks):.0f}% of its prompts"
                       if ranks else "") + ".")
