@@ -319,7 +319,9 @@ def test_results_of_processes_run_side_by_side_are_merged(tmp_path, capsys):
         return {"version": 1, "tracks": {"shapes": entry}}
 
     first, second = tmp_path / "first.json", tmp_path / "second.json"
-    first.write_text(json.dumps(results({"0": {"uniform": row(0.4)}, "1": {"uniform": row(0.5)}}, "cmd A")))
+    failed = results({"0": {"uniform": row(0.4)}, "1": {"uniform": row(0.5)}}, "cmd A")
+    failed["tracks"]["shapes"]["failed"] = {"2": {"uniform": {"error": "stopped"}}}  # measured in second.json
+    first.write_text(json.dumps(failed))
     second.write_text(json.dumps(results(
         {"0": {"uniform": row(0.6, run=1, finished="2026-12-01T05:00:00")}, "2": {"uniform": row(0.3)}}, "cmd B")))
     out = tmp_path / "BENCHMARKS.md"
@@ -329,7 +331,7 @@ def test_results_of_processes_run_side_by_side_are_merged(tmp_path, capsys):
     assert sorted(track["seeds"]) == ["0", "1", "2"] and track["commands"] == ["cmd A", "cmd B"]
     joined = track["seeds"]["0"]["uniform"]
     assert [r["grpo_run"] for r in joined["grpo_runs"]] == [0, 1] and joined["accuracy"]["mean"] == pytest.approx(0.5)
-    assert track["seeds"]["2"]["uniform"]["accuracy"]["mean"] == 0.3
+    assert track["seeds"]["2"]["uniform"]["accuracy"]["mean"] == 0.3 and not track["failed"]["2"]
     assert "| uniform mixture (no router) |" in read_section(out, "alignment")
     # merging the same file again: the same rows, nothing measured twice
     assert main(argv + ["--merge", str(second)]) == 2

@@ -984,6 +984,7 @@ def merge_results(path: Path, others: Sequence[Path]) -> dict:
             for seed, rows in theirs["seeds"].items():
                 kept = mine["seeds"].setdefault(seed, {})
                 for method, row in rows.items():
+                    mine.get("failed", {}).get(seed, {}).pop(method, None)  # measured now, in the other file
                     if method not in kept:
                         kept[method] = row
                         continue
