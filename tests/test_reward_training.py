@@ -28,7 +28,9 @@ def test_dp_sgd_changes_lora_and_learns_planted_preference(family, targets):
     rm = RewardModel(build_vlm(family, vocabulary(), seed=0), lora_r=4, lora_targets=targets)
     before = lora_state(rm)
     events: list[DpSgdTraining] = []
-    settings = TrainSettings(epochs=5, batch_size=32, lr=0.5, dp=True, target_epsilon=8.0, delta=1e-5)
+    # lr 0.2: at 0.5 the Idefics3 RM's loss oscillated on a 2-core x86_64 CI host (final losses 0.003, 0.38,
+    # 1.6; held-out accuracy 0.5), while at 0.2 every family here reaches 1.0 there (measured)
+    settings = TrainSettings(epochs=5, batch_size=32, lr=0.2, dp=True, target_epsilon=8.0, delta=1e-5)
     result = train_reward_model(rm, planted_pairs(256, seed=1), settings, authorize=events.append, progress=False)
     after = lora_state(rm)
     changed = [n for n in before if not torch.equal(before[n], after[n])]
