@@ -54,8 +54,14 @@ def test_quick_bench_alignment_writes_table_section_and_plots(tmp_path, capsys):
         assert all(0.0 <= v <= 1.0 for v in top.values()) and top["mean"] == pytest.approx(
             sum(top[f] for f in families) / len(families)), method
 
+    digests = {m: [r["rm_digests"] for r in row["grpo_runs"]] for m, row in rows.items() if m not in ("base", "oracle")}
+    assert set(digests["fedavg"][0]) == {"fedavg"} and set(digests["centralized"][0]) == {"centralized"}
+    assert set(digests["uniform"][0]) == set(digests["mor:eps8"][0]) == set(track["clients"])
+    assert digests["uniform"][0] == digests["mor:eps8"][0]  # one seed's rows score with the same client RMs
+
     section = read_section(out, "alignment")
     assert section is not None
+    assert "within every seed, the runs that scored with the same reward model used the same draw of it" in section
     assert "`mor-secure bench alignment --tracks shapes-heldout --seeds 1 --methods " in section and "--quick`" in section
     assert "CPUs" in section  # the machine line
     for label in ("| base policy (no alignment) |", "| uniform mixture (no router) |", "| FedAvg RM",
@@ -143,6 +149,39 @@ def test_grpo_runs_are_merged_and_legacy_rows_count_as_run_zero():
     assert merged["phases"]["GRPO"] == [12.0, 10.5]
     assert merged["router_weights"] == legacy["router_weights"]  # the stored row's own figures are kept
     assert missing_runs({"mor:eps8": merged}, "mor:eps8", 3) == [1]
+
+
+def test_rm_digest_tells_draws_apart_and_rm_draws_names_the_split_runs():
+    import copy
+
+    import torch
+
+    from mor_secure.bench.alignment import rm_digest, rm_draws
+
+    torch.manual_seed(0)
+    rm = torch.nn.Linear(4, 1)
+    twin = copy.deepcopy(rm)
+    assert rm_digest(rm) == rm_digest(twin) and len(rm_digest(rm)) == 16
+    with torch.no_grad():  # one weight one ulp away: another draw
+        twin.weight[0, 0] = torch.nextafter(twin.weight[0, 0], torch.tensor(10.0))
+    assert rm_digest(rm) != rm_digest(twin)
+
+    def run(g, **digests):
+        return {"grpo_run": g, "accuracy": {"mean": 0.5}, "rm_digests": digests}
+
+    entry = {"seeds": {"0": {"base": {"accuracy": {"mean": 0.3}},
+                             "uniform": {"grpo_runs": [run(0, a="x", b="y")]},
+                             "mor:eps8": {"grpo_runs": [run(0, a="x", b="y")]}}}}
+    assert rm_draws(entry).endswith("within every seed, the runs that scored with the same reward model used the "
+                                    "same draw of it.")
+    entry["seeds"]["1"] = {"single:b": {"grpo_runs": [run(0, b="y")]},
+                           "mor:eps8": {"grpo_runs": [run(0, a="x", b="y"), run(1, a="x", b="z")]},
+                           "uniform": {"accuracy": {"mean": 0.4}, "reward_first": 0.1}}  # stored before digests
+    text = rm_draws(entry)
+    assert "recorded by 5 GRPO runs; 1 older runs did not record it" in text
+    assert ("seed 1, b: single RM: b, MoR, ε = 8 (GRPO run 0) vs MoR, ε = 8 (GRPO run 1)" in text
+            and "seed 1, a" not in text and "seed 0" not in text), text
+    assert rm_draws({"seeds": {"0": {"uniform": {"accuracy": {"mean": 0.4}, "reward_first": 0.1}}}}) == ""
 
 
 def test_single_client_rows_can_be_named():

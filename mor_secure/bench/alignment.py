@@ -413,6 +413,17 @@ def trainable_state(rm) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in rm.named_parameters() if p.requires_grad}
 
 
+def rm_digest(rm) -> str:
+    """SHA-256 (first 16 hex digits) of a reward model's whole state (names, dtypes, shapes, values):
+    two rows of one seed that scored with the same client's RM carry the same digest only if that RM
+    was the same draw (training is not bit-reproducible across hosts, so a retrained RM can differ)."""
+    h = hashlib.sha256()
+    for name, t in sorted(rm.state_dict().items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def load_trainable(rm, state: dict[str, torch.Tensor]) -> None:
     missing = set(trainable_state(rm)) - set(state)
     result = rm.load_state_dict(state, strict=False)
@@ -669,6 +680,10 @@ class SeedRun:
             self.client_rms[key] = RewardModel.load(self.work / f"clients-{setting}" / name / "rm")
         return self.client_rms[key]
 
+    def rm_digests(self, setting: str, names: Sequence[str]) -> dict[str, str]:
+        """:func:`rm_digest` of each named client's reward model at ``setting`` (the ones a row scored with)."""
+        return {n: rm_digest(self.client_rm(setting, n)) for n in names}
+
     def rm_accuracy(self, setting: str) -> dict[str, float]:
         """Benchmark harness: each client RM's pairwise accuracy on fresh held-out pairs of its own
         families (read from the client folders; never released by a client)."""
@@ -776,7 +791,17 @@ class SeedRun:
         return with_runs({}, runs)
 
     def run_method(self, method: str, grpo_runs: Sequence[int] = (0,)) -> dict:
-        """One method's row; ``grpo_runs``: the GRPO runs to make (see :meth:`align`)."""
+        """One method's row; ``grpo_runs``: the GRPO runs to make (see :meth:`align`). Each GRPO run
+        records the :func:`rm_digest` of every reward model it scored with (``rm_digests``), so runs
+        joined from several processes say whether they used the same draws."""
+        row = self._method_row(method, grpo_runs)
+        digests = row.pop("rm_digests", None)
+        if digests is not None:
+            for run in row.get("grpo_runs", []):
+                run["rm_digests"] = digests
+        return row
+
+    def _method_row(self, method: str, grpo_runs: Sequence[int]) -> dict:
         ref = _eps_label(self.track.ref_epsilon)
         if method == "base":
             policy = self.base_policy()
@@ -791,7 +816,8 @@ class SeedRun:
                 row = self.align(method, channel_scorer(channel), FixedRouter(names), grpo_runs)
             finally:
                 channel.order = saved
-            return {**row, "epsilon": self.track.ref_epsilon, "reward_top1": self.method_reward_top1(method)}
+            return {**row, "epsilon": self.track.ref_epsilon, "reward_top1": self.method_reward_top1(method),
+                    "rm_digests": self.rm_digests(ref, names)}
         if method.startswith("mor:"):
             from mor_secure.federation.orchestrator import fit_router_on_objective, router_weights_by_family
 
@@ -806,13 +832,14 @@ class SeedRun:
                                               self.evaluation_features())
             row = self.align(method, channel_scorer(channel), router, grpo_runs)
             return {**row, "router_weights": weights, "router_objective_accuracy": fit.accuracy,
-                    "rm_accuracy": self.rm_accuracy(setting), "reward_top1": self.method_reward_top1(method, router)}
+                    "rm_accuracy": self.rm_accuracy(setting), "reward_top1": self.method_reward_top1(method, router),
+                    "rm_digests": self.rm_digests(setting, channel.order)}
         if method == "fedavg":
             rm, info = self.fedavg_rm(ref)
             c = self.cfg.clients[0].scores
             row = self.align(method, local_scorer(rm, c.clip_bound, c.noise_std, self.seed), FixedRouter(["fedavg"]),
                              grpo_runs)
-            return {**row, **info, "reward_top1": self.method_reward_top1(method)}
+            return {**row, **info, "reward_top1": self.method_reward_top1(method), "rm_digests": {"fedavg": rm_digest(rm)}}
         if method == "oracle":
             return self.align(method, self.answer_key_scorer(), FixedRouter(["oracle"]), grpo_runs)
         if method == "centralized":
@@ -820,7 +847,8 @@ class SeedRun:
             c = self.cfg.clients[0].scores
             row = self.align(method, local_scorer(rm, c.clip_bound, 0.0, self.seed), FixedRouter(["centralized"]),
                              grpo_runs)
-            return {**row, **info, "reward_top1": self.method_reward_top1(method)}
+            return {**row, **info, "reward_top1": self.method_reward_top1(method),
+                    "rm_digests": {"centralized": rm_digest(rm)}}
         raise ConfigError(f"unknown method {method!r}")
 
     def fedavg_rm(self, setting: str):
@@ -1468,6 +1496,35 @@ def reading(entry: dict) -> list[str]:
     return out
 
 
+def rm_draws(entry: dict) -> str:
+    """One sentence on whether the rows of each seed that share a reward model scored with the same
+    draw of it (:func:`rm_digest`, recorded per row); empty when no row recorded digests."""
+    recorded = unrecorded = 0
+    split = []
+    for seed, rows in sorted(entry["seeds"].items(), key=lambda kv: int(kv[0])):
+        by_rm: dict[str, dict[str, list[str]]] = {}
+        for m, r in rows.items():
+            for run in grpo_runs_of(r) if m != "oracle" else []:
+                if "rm_digests" not in run:
+                    unrecorded += 1
+                    continue
+                recorded += 1
+                label = method_label(m) + (f" (GRPO run {run['grpo_run']})" if len(grpo_runs_of(r)) > 1 else "")
+                for name, digest in run["rm_digests"].items():
+                    by_rm.setdefault(name, {}).setdefault(digest, []).append(label)
+        for name, draws in sorted(by_rm.items()):
+            if len(draws) > 1:
+                split.append(f"seed {seed}, {name}: " + " vs ".join(", ".join(ms) for ms in draws.values()))
+    if not recorded:
+        return ""
+    head = (f"Reward-model draws (a digest of each reward model's state, recorded by {recorded} GRPO runs"
+            + (f"; {unrecorded} older runs did not record it" if unrecorded else "") + "): ")
+    if not split:
+        return head + "within every seed, the runs that scored with the same reward model used the same draw of it."
+    return head + ("runs of one seed scored with different draws of the same reward model (trained again; their "
+                   "paired difference includes that retraining's variance): " + "; ".join(split) + ".")
+
+
 def _reused_work(entry: dict) -> str:
     """The shared work (base policy, reward models) no row of ``entry`` timed: it was on disk already."""
     # (a training phase of well under a second only opened reward models already on disk)
@@ -1653,6 +1710,9 @@ def render(results: dict, *, full_command: str, date: str, machine: str, plots: 
         t = targets(e)
         if t:
             lines += ["", "Against the issue's targets (overall means):", ""] + [f"- {x}" for x in t]
+        draws = rm_draws(e)
+        if draws:
+            lines += ["", draws]
         lines += ["", "Reading:", ""] + [f"- {x}" for x in reading(e)]
         lines += budget_comparison(name, e, others)
         est = full_size_estimate(name, e)
