@@ -1226,6 +1226,11 @@ def get_family(name: str):
     return _get(name)
 
 
+def chance(family: str) -> float:
+    """Oracle accuracy of an answer drawn uniformly from ``family``'s answers."""
+    return 1.0 / len(get_family(family).answers)
+
+
 def _families(track: str):
     from mor_secure.data import families_for_track
 
@@ -1418,8 +1423,6 @@ def targets(entry: dict) -> list[str]:
 def reading(entry: dict) -> list[str]:
     """Facts that explain the table, computed from the results: the evaluation's resolution, where
     the router puts its weight, how good the clients' reward models are, what MoR changed per family."""
-    from mor_secure.data.families import get_family
-
     s = summarise(entry)
     out: list[str] = []
     n_eval, fams = entry["settings"]["eval_prompts"], list(entry["families"])
@@ -1454,7 +1457,7 @@ def reading(entry: dict) -> list[str]:
         out.append(f"Held-out family {f} (owned by no client): the router gives {top} {w[f][top]:.2f} of the weight "
                    "there (mean over seeds), fitted on the objective set's pairs of a family no client's reward model "
                    f"was trained on. Accuracy on {f}: {accs_f} (chance "
-                   f"{100 / len(get_family(f).answers):.0f}%)"
+                   f"{100 * chance(f):.0f}%)"
                    + (f"; MoR's reward ranks its oracle answer first on {100 * np.mean(ranks):.0f}% of its prompts"
                       if ranks else "") + ".")
     accs: dict[str, list[float]] = {}
@@ -1667,10 +1670,10 @@ def render(results: dict, *, full_command: str, date: str, machine: str, plots: 
             lines.append(f"| {method_label(m)} | {row['_seeds']} | " + (f"{row['_runs']} | " if multi else "")
                          + " | ".join(_pct(*row[f]) for f in fams) + f" | **{_pct(*row['mean'])}** |"
                          + ((f" {100 * spread:.1f} |" if spread is not None else " |") if multi else ""))
-        chance = [1.0 / len(get_family(f).answers) for f in fams]
+        chance_row = [chance(f) for f in fams]
         lines.append("| *chance (an answer drawn uniformly)* | | " + ("| " if multi else "")
-                     + " | ".join(f"*{100 * c:.1f}*" for c in chance)
-                     + f" | *{100 * float(np.mean(chance)):.1f}* |" + (" |" if multi else ""))
+                     + " | ".join(f"*{100 * c:.1f}*" for c in chance_row)
+                     + f" | *{100 * float(np.mean(chance_row)):.1f}* |" + (" |" if multi else ""))
         if e["heldout"]:
             owned = [f for f in fams if f not in e["heldout"]]
             lines += ["", "Generalisation: accuracy on the held-out family against the families the clients own "
