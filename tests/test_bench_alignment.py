@@ -58,6 +58,7 @@ def test_quick_bench_alignment_writes_table_section_and_plots(tmp_path, capsys):
     assert set(digests["fedavg"][0]) == {"fedavg"} and set(digests["centralized"][0]) == {"centralized"}
     assert set(digests["uniform"][0]) == set(digests["mor:eps8"][0]) == set(track["clients"])
     assert digests["uniform"][0] == digests["mor:eps8"][0]  # one seed's rows score with the same client RMs
+    assert all("CPUs" in run["machine"] for row in rows.values() for run in row.get("grpo_runs", [row]))
 
     section = read_section(out, "alignment")
     assert section is not None

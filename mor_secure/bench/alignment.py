@@ -416,7 +416,9 @@ def trainable_state(rm) -> dict[str, torch.Tensor]:
 def rm_digest(rm) -> str:
     """SHA-256 (first 16 hex digits) of a reward model's whole state (names, dtypes, shapes, values):
     two rows of one seed that scored with the same client's RM carry the same digest only if that RM
-    was the same draw (training is not bit-reproducible across hosts, so a retrained RM can differ)."""
+    was the same draw. Training again in another process on the same machine gives the same RM to the
+    bit (tests/test_reward_training.py); on another machine it can differ (other CPU kernels sum in
+    another order, and DP-SGD's noisy steps carry that along)."""
     h = hashlib.sha256()
     for name, t in sorted(rm.state_dict().items()):
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -792,13 +794,19 @@ class SeedRun:
 
     def run_method(self, method: str, grpo_runs: Sequence[int] = (0,)) -> dict:
         """One method's row; ``grpo_runs``: the GRPO runs to make (see :meth:`align`). Each GRPO run
-        records the :func:`rm_digest` of every reward model it scored with (``rm_digests``), so runs
-        joined from several processes say whether they used the same draws."""
+        records the :func:`rm_digest` of every reward model it scored with (``rm_digests``) and the
+        machine it ran on, so runs joined from several processes say whether they used the same draws
+        (a reward model trained again on another machine can differ)."""
+        from mor_secure.bench.markdown import machine
+
         row = self._method_row(method, grpo_runs)
         digests = row.pop("rm_digests", None)
-        if digests is not None:
-            for run in row.get("grpo_runs", []):
+        for run in row.get("grpo_runs", []):
+            run["machine"] = machine()
+            if digests is not None:
                 run["rm_digests"] = digests
+        if "grpo_runs" not in row:  # the base policy
+            row["machine"] = machine()
         return row
 
     def _method_row(self, method: str, grpo_runs: Sequence[int]) -> dict:

@@ -51,8 +51,19 @@ def machine() -> str:
     """A one-line description of this machine (every section states where it was measured)."""
     import torch
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} " \
+    return f"{cpu_model() or platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} " \
            f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux: /proc/cpuinfo), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                return f"{platform.machine()} {line.split(':', 1)[1].strip()}"
+    except OSError:
+        return None
+    return None
 
 
 def default_out() -> Path:
