@@ -1508,8 +1508,8 @@ def reading(entry: dict) -> list[str]:
 
 
 def rm_draws(entry: dict) -> str:
-    """One sentence on whether the rows of each seed that share a reward model scored with the same
-    draw of it (:func:`rm_digest`, recorded per row); empty when no row recorded digests."""
+    """One sentence on whether the GRPO runs of each seed that share a reward model scored with the
+    same draw of it (:func:`rm_digest`, recorded per run); empty when no run recorded digests."""
     recorded = unrecorded = 0
     split = []
     for seed, rows in sorted(entry["seeds"].items(), key=lambda kv: int(kv[0])):
