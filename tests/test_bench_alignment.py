@@ -78,6 +78,8 @@ def test_quick_bench_alignment_writes_table_section_and_plots(tmp_path, capsys):
     assert "Reward ranking (benchmark harness)" in section and "Reward against policy (1 seed(s)" in section
     held = [x for x in section.splitlines() if x.startswith("- Held-out family size (owned by no client): the router gives ")]
     assert len(held) == 1 and "Accuracy on size: MoR, ε = 8 " in held[0] and "(chance 50%)" in held[0], held
+    assert "- How well each reward knows size (the share of its prompts on which the reward ranks the oracle answer " \
+           "first, mean over seeds): uniform mixture (no router) " in section
 
     # the same command again: every row is in the results file, nothing is measured twice
     stamps = {m: r["finished"] for m, r in rows.items()}
@@ -307,6 +309,28 @@ def test_committed_results_still_describe_the_configs():
         assert stored["tracks"][name]["fingerprint"] == load_track(name).fingerprint(extra), name
     other = load_track("shapes", overrides=["grpo.steps_per_generation=2"]).fingerprint(extra)
     assert other != stored["tracks"]["shapes"]["fingerprint"]
+
+
+def test_heldout_reading_names_the_client_reward_that_knows_the_family_best():
+    """On the committed shapes-heldout rows: the reading line for the held-out family gives every
+    reward's ranking there and the router's weight on the client whose reward ranks it best."""
+    from pathlib import Path
+
+    from mor_secure.bench.alignment import reading, router_weights
+
+    entry = json.loads((Path(__file__).parents[1] / "benchmarks" / "alignment_results.json").read_text())[
+        "tracks"]["shapes-heldout"]
+    ranks = {}
+    for rows in entry["seeds"].values():
+        for m, r in rows.items():
+            if m.startswith("single:") and r.get("reward_top1"):
+                ranks.setdefault(m.split(":")[1], []).append(r["reward_top1"]["size"])
+    best = max(ranks, key=lambda c: np.mean(ranks[c]))
+    weight = router_weights(entry, "mor:eps8")["size"][best]
+    line = [x for x in reading(entry) if x.startswith("How well each reward knows size")]
+    assert len(line) == 1, reading(entry)
+    assert (f"the best of them on size is {best}'s ({100 * np.mean(ranks[best]):.0f}%), and the router gives {best} "
+            f"{weight:.2f} of the weight there") in line[0], line[0]
 
 
 def test_other_step_budgets_are_found_beside_the_results_and_compared_per_track(tmp_path):

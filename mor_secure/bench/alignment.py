@@ -1468,6 +1468,19 @@ def reading(entry: dict) -> list[str]:
                    f"{100 * chance(f):.0f}%)"
                    + (f"; MoR's reward ranks its oracle answer first on {100 * np.mean(ranks):.0f}% of its prompts"
                       if ranks else "") + ".")
+        others = {m: r[f] for m, r in reward_ranks(entry).items() if m != ref and f in r}
+        singles = {m.split(":", 1)[1]: v for m, v in others.items() if m.startswith("single:")}
+        if others:
+            line = (f"How well each reward knows {f} (the share of its prompts on which the reward ranks the oracle "
+                    "answer first, mean over seeds): " + ", ".join(f"{method_label(m)} {100 * v:.0f}%"
+                                                                  for m, v in others.items()) + ".")
+            if singles:
+                best = max(singles, key=singles.get)
+                line += (f" A router can only choose among the clients' rewards: the best of them on {f} is {best}'s "
+                         f"({100 * singles[best]:.0f}%), and the router gives {best} {w[f].get(best, 0.0):.2f} of the "
+                         "weight there" + (f" ({top}'s reward: {100 * singles[top]:.0f}%)."
+                                           if top != best and top in singles else "."))
+            out.append(line)
     accs: dict[str, list[float]] = {}
     for rows in entry["seeds"].values():
         for c, a in (rows.get(ref, {}).get("rm_accuracy") or {}).items():
