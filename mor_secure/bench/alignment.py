@@ -800,13 +800,13 @@ class SeedRun:
         from mor_secure.bench.markdown import machine
 
         row = self._method_row(method, grpo_runs)
-        digests = row.pop("rm_digests", None)
+        digests, here = row.pop("rm_digests", None), machine()
         for run in row.get("grpo_runs", []):
-            run["machine"] = machine()
+            run["machine"] = here
             if digests is not None:
                 run["rm_digests"] = digests
         if "grpo_runs" not in row:  # the base policy
-            row["machine"] = machine()
+            row["machine"] = here
         return row
 
     def _method_row(self, method: str, grpo_runs: Sequence[int]) -> dict:
@@ -1528,12 +1528,13 @@ def rm_draws(entry: dict) -> str:
     for seed, rows in sorted(entry["seeds"].items(), key=lambda kv: int(kv[0])):
         by_rm: dict[str, dict[str, list[str]]] = {}
         for m, r in rows.items():
-            for run in grpo_runs_of(r) if m != "oracle" else []:
+            runs = grpo_runs_of(r) if m != "oracle" else []
+            for run in runs:
                 if "rm_digests" not in run:
                     unrecorded += 1
                     continue
                 recorded += 1
-                label = method_label(m) + (f" (GRPO run {run['grpo_run']})" if len(grpo_runs_of(r)) > 1 else "")
+                label = method_label(m) + (f" (GRPO run {run['grpo_run']})" if len(runs) > 1 else "")
                 for name, digest in run["rm_digests"].items():
                     by_rm.setdefault(name, {}).setdefault(digest, []).append(label)
         for name, draws in sorted(by_rm.items()):
