@@ -433,8 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_perf.add_argument("--batch-size", type=int, default=128, help="(a) RM batch size (demo: 256)")
     bench_perf.add_argument("--dpsgd-steps", type=int, default=4, help="(a) steps per training run (at least 3)")
     bench_perf.add_argument("--grpo-clients", type=int, default=3, help="(b) clients")
-    bench_perf.add_argument("--grpo-steps", type=int, default=3, help="(b) GRPO steps per run (at least 2)")
-    bench_perf.add_argument("--grpo-repeats", type=int, default=2, help="(b) runs per side")
+    bench_perf.add_argument("--grpo-steps", type=int, default=5, help="(b) GRPO steps per run (at least 2)")
+    bench_perf.add_argument("--grpo-repeats", type=int, default=3, help="(b) runs per side")
     bench_perf.add_argument("--transport", choices=["tls", "grid"], default="tls",
                             help="(b) Flower's deployment runtime over TLS on loopback, or the in-process grid only")
     bench_perf.add_argument("--quick", action="store_true",

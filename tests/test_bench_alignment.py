@@ -338,11 +338,15 @@ def test_other_step_budgets_are_found_beside_the_results_and_compared_per_track(
 
     main_path = tmp_path / "alignment_results.json"
     long_path = tmp_path / "alignment_results_800steps.json"
-    for p in (main_path, long_path, tmp_path / "alignment_results_quick.json"):
+    k4_path = tmp_path / "alignment_results_800steps_k4.json"
+    for p in (main_path, long_path, k4_path, tmp_path / "alignment_results_quick.json",
+              tmp_path / "alignment_results_heldout_entropy0.json"):
         p.write_text("{}")
     (tmp_path / "alignment_800steps.md").write_text("page")
-    assert other_budget_files(main_path) == [(long_path, tmp_path / "alignment_800steps.md")]
-    assert other_budget_files(long_path) == []  # a budget's own page does not list the others
+    # other budgets and schedules, not other variants; a file lists only the files that extend its name
+    assert other_budget_files(main_path) == [(long_path, tmp_path / "alignment_800steps.md"), (k4_path, None)]
+    assert other_budget_files(long_path) == [(k4_path, None)]
+    assert other_budget_files(k4_path) == []
 
     def entry(steps, mor, uni, **settings):
         seeds = {str(k): {"mor:eps8": {"accuracy": {"mean": mor + d}}, "uniform": {"accuracy": {"mean": uni}}}
@@ -361,6 +365,26 @@ def test_other_step_budgets_are_found_beside_the_results_and_compared_per_track(
     assert budget_comparison("digits", short, [("x.md", {"tracks": {"shapes": short}})]) == []
     other = budget_comparison("shapes", short, [("y.md", {"tracks": {"shapes": entry(800, 0.5, 0.4, pairs_per_client=100)}})])
     assert any("other settings differ: pairs_per_client 3000 → 100" in x for x in other)
+
+    # another schedule at the same budget: named in the column, its one differing setting named, and MoR
+    # paired by seed with whether the rows scored with the same reward models (digests, else accuracies)
+    long, k4 = entry(800, 0.53, 0.43), entry(800, 0.50, 0.43, steps_per_generation=4)
+    for seed, (mine, theirs) in enumerate([("d0", "d0"), ("d1", "d1"), ("d2", "dX")]):
+        for e, digest in ((long, mine), (k4, theirs)):
+            row = e["seeds"][str(seed)]["mor:eps8"]
+            row["grpo_runs"] = [{"grpo_run": 0, "accuracy": row["accuracy"], "rm_digests": {"a": digest}}]
+    lines = budget_comparison("shapes", long, [("k4.md", {"tracks": {"shapes": k4}})])
+    assert "| method | 800 GRPO steps | 800 GRPO steps, 4 per reward round trip |" in lines
+    bullet = [x for x in lines if x.startswith("- At 800 GRPO steps, 4 per reward round trip")]
+    assert len(bullet) == 1 and "other settings differ: steps_per_generation 1 → 4" in bullet[0]
+    assert ("MoR, ε = 8 there minus here, paired by seed: -3.0 ± 0.0 points (3 seeds; the same reward models in 2 "
+            "of 3 seeds (by digest))") in bullet[0]
+    for rows in long["seeds"].values():  # no digests on one side: the held-out accuracies tell, where recorded
+        del rows["mor:eps8"]["grpo_runs"]
+    long["seeds"]["0"]["mor:eps8"]["rm_accuracy"] = k4["seeds"]["0"]["mor:eps8"]["rm_accuracy"] = {"a": 0.9}
+    bullet = [x for x in budget_comparison("shapes", long, [("k4.md", {"tracks": {"shapes": k4}})]) if "paired" in x]
+    assert ("(3 seeds; the same reward models in 1 of the 1 seed(s) that recorded them (by held-out accuracy); 2 "
+            "recorded neither digests nor accuracies)") in bullet[0]
 
 
 def test_results_of_processes_run_side_by_side_are_merged(tmp_path, capsys):

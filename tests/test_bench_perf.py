@@ -116,10 +116,69 @@ def test_transport_verdict_reads_the_best_deployment_side_and_explains_the_waits
     k4 = "\n".join(_transport_analysis(execd, 2))
     # the verdict stays on one round trip per step; the 4-step schedule is reported beside it, not instead
     assert k4.startswith("Target (b) **missed**: 2.00x with the service as its SuperNode's ClientApp executor")
-    assert "4 GRPO steps per reward round trip" in k4 and "**1.30x** (within 1.5x)" in k4
-    assert "adds 0.15 s per step" in k4
+    assert ("**1.30x** with the service as executor and 4 GRPO steps per reward round trip (within 1.5x; the "
+            "round trip adds 0.15 s per step)") in k4
+    assert "measured by `bench alignment` with `--set grpo.steps_per_generation=4`" in k4
     met = "\n".join(_transport_analysis(_transport(12.0, 2.0, 1.3), 2))
     assert met.startswith("Target (b) **met**: 1.30x over TLS with each client's scoring service")
+    # the clients on their own CPU count among the one-round-trip-per-step deployments; the run's CPUs are named
+    execd["sides"]["tls_executor_hosts"] = dict(execd["sides"]["tls_executor"], ratio=1.4, ratio_by_repeat=[1.4],
+                                                reward_extra_s=0.2)
+    execd["extra_runs"]["tls_executor_hosts"] = {"direct": execd["sides"]["direct"], "server_cpus": [0],
+                                                 "client_cpus": [1]}
+    hosts = "\n".join(_transport_analysis(execd, 2))
+    assert hosts.startswith("Target (b) **met**: 1.40x with the service as executor and the clients on their own "
+                            "CPU, as on separate hosts, 2.00x with the service as its SuperNode's ClientApp executor")
+    assert "on CPU 0, checked from the ServerApp's own affinity" in hosts and "service on CPU 1" in hosts
+    assert "**1.40x**, the round trip adding 0.20 s per step (2.00x with every process on all 2 CPUs" in hosts
+    assert "On a dedicated machine" not in hosts  # measured off the server's CPU: no estimate in its place
+    execd["sides"]["tls_executor_hosts"]["ratio"] = 2.5  # worse than sharing: the verdict takes the best
+    worse = "\n".join(_transport_analysis(execd, 2))
+    assert worse.startswith("Target (b) **missed**: 2.50x with the service as executor and the clients")
+    assert "On a dedicated machine" in worse
+
+
+def test_device_estimate_uses_one_reward_round_trip_per_step(tmp_path):
+    """``bench device`` adds (b)'s extra time per step to its GPU step; a side that spreads one round
+    trip over several steps is another schedule and is not taken, however small its extra."""
+    from mor_secure.bench.device import _transport_extra
+
+    path = tmp_path / "perf.json"
+    path.write_text(json.dumps({"date": "d", "result": {"grpo": {"sides": {
+        "direct": {"step_s": 0.3}, "tls_executor": {"step_s": 0.9, "ratio": 3.0},
+        "tls_executor_hosts": {"step_s": 0.6, "ratio": 2.0},
+        "tls_executor_k4": {"step_s": 0.4, "ratio": 1.33}, "tls_executor_k4_hosts": {"step_s": 0.35, "ratio": 1.17}}}}}))
+    extra, side, date = _transport_extra(path)
+    assert side == "tls_executor_hosts" and extra == pytest.approx(0.3) and date == "d"
+
+
+def test_pinned_process_and_what_it_starts_run_on_the_given_cpus(tmp_path):
+    """The ``hosts`` deployments put the server's processes and the clients' on separate CPUs:
+    a pinned process's children (the SuperLink's SuperExec and ServerApp) inherit its CPUs."""
+    import os
+    import sys
+    import time
+
+    import psutil
+
+    from mor_secure.deploy.local import ProcessGroup, pin_argv
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs 2 CPUs")
+    child = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); " \
+            "time.sleep(30)"
+    with ProcessGroup(tmp_path / "logs") as group:
+        proc = group.start("pinned", [sys.executable, "-c", child], dict(os.environ), cpus=[cpus[1]])
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not psutil.Process(proc.pid).children(recursive=True):
+            time.sleep(0.05)
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        python = [p for p in family if "python" in p.name().lower()]
+        assert len(python) == 2  # the pinned program and the process it started
+        assert all(p.cpu_affinity() == [cpus[1]] for p in family)
+    with pytest.raises(ConfigError, match="CPUs"):
+        pin_argv([max(cpus) + 1000])
 
 
 def test_adaptive_wait_is_at_most_an_eighth_of_the_servers_compute():

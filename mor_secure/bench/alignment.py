@@ -1256,7 +1256,17 @@ def _settings(track: Track, opts: Options) -> dict:
             "fedavg_rounds": opts.fedavg_rounds, "quick": opts.quick, "delta": c0.privacy.delta,
             "noise_std": c0.scores.noise_std, "clip_bound": c0.scores.clip_bound,
             "perception_steps": cfg.policy.model.perception.steps,
-            "client_perception_steps": max(c.model.perception.steps for c in cfg.clients)}
+            "client_perception_steps": max(c.model.perception.steps for c in cfg.clients),
+            # only when not the default, as in the fingerprint (LATER_FIELDS): stored settings stay comparable
+            **({"steps_per_generation": cfg.grpo.steps_per_generation} if cfg.grpo.steps_per_generation != 1 else {})}
+
+
+#: settings added after results were stored, with the value every stored result ran with
+SETTING_DEFAULTS = {"steps_per_generation": 1}
+
+
+def _setting(entry: dict, key: str):
+    return entry["settings"].get(key, SETTING_DEFAULTS.get(key))
 
 
 def _per_seed_at_config_size(name: str, entry: dict) -> float | None:
@@ -1573,21 +1583,61 @@ def _reused_work(entry: dict) -> str:
     return ", ".join(sorted(what for what, phase in need.items() if phase not in phases))
 
 
-OTHER_BUDGET_GLOB = "alignment_results_*steps.json"  # results files of other GRPO step budgets
-
-
 def other_budget_files(results_path: Path) -> list[tuple[Path, Path | None]]:
-    """Results files of other GRPO step budgets beside ``results_path`` (``alignment_results_800steps.json``
-    and so on; none when ``results_path`` is itself one), each with its page (``alignment_800steps.md``)
-    when that exists."""
+    """Results files of other GRPO step budgets or schedules beside ``results_path``: those whose name
+    extends its name with ``_`` and a budget (``alignment_results.json`` lists
+    ``alignment_results_800steps.json`` and ``alignment_results_800steps_k4.json``; the 800-step file
+    lists only the latter, which lists none), each with its page (``alignment_800steps.md``) when that
+    exists."""
     results_path = Path(results_path)
-    if results_path.match(OTHER_BUDGET_GLOB):
-        return []
     found = []
-    for path in sorted(results_path.parent.glob(OTHER_BUDGET_GLOB)):
+    for path in sorted(results_path.parent.glob(f"{results_path.stem}_*.json")):
+        if "steps" not in path.stem[len("alignment_results"):]:
+            continue  # another variant of the benchmark (e.g. a router setting), not a step budget
         page = path.with_name("alignment_" + path.stem[len("alignment_results_"):] + ".md")
         found.append((path, page if page.is_file() else None))
     return found
+
+
+def _budget_name(entry: dict) -> str:
+    k = _setting(entry, "steps_per_generation")
+    return f"{entry['settings']['grpo_steps']} GRPO steps" + (f", {k} per reward round trip" if k != 1 else "")
+
+
+def _run_digests(row: dict) -> dict:
+    return {k: v for run in grpo_runs_of(row) for k, v in (run.get("rm_digests") or {}).items()}
+
+
+def same_reward_models(a: dict, b: dict) -> tuple[bool | None, str]:
+    """Whether two rows scored with the same reward models: by their digests when both recorded them,
+    else by the reward models' held-out accuracies when both did; (None, "") when neither tells."""
+    da, db = _run_digests(a), _run_digests(b)
+    if da and db:
+        return da == db, "digest"
+    ra, rb = a.get("rm_accuracy"), b.get("rm_accuracy")
+    if ra and rb:
+        return ra == rb, "held-out accuracy"
+    return None, ""
+
+
+def paired_across(mine: dict, theirs: dict, method: str) -> list[str]:
+    """``method`` in ``theirs`` minus in ``mine``, paired by seed, with how many seeds' rows scored with
+    the same reward models (then the difference is the GRPO budget's or schedule's alone)."""
+    common = [s for s, rows in mine["seeds"].items() if method in rows and method in theirs["seeds"].get(s, {})]
+    if not common:
+        return []
+    joined = {"seeds": {s: {"a": theirs["seeds"][s][method], "b": mine["seeds"][s][method]} for s in common}}
+    mean, se, n = paired_difference(joined, "a", "b")
+    checks = [same_reward_models(mine["seeds"][s][method], theirs["seeds"][s][method]) for s in common]
+    told = [(same, how) for same, how in checks if same is not None]
+    hows = sorted({how for _, how in told})
+    yes = sum(x for x, _ in told)
+    same = ("whether they used the same reward models is not recorded" if not told else
+            f"the same reward models in {yes} of {n} seeds (by {' or '.join(hows)})" if len(told) == n else
+            f"the same reward models in {yes} of the {len(told)} seed(s) that recorded them (by {' or '.join(hows)}); "
+            f"{n - len(told)} recorded neither digests nor accuracies")
+    return [f"{method_label(method)} there minus here, paired by seed: {mean:+.1f}"
+            + (f" ± {se:.1f}" if not math.isnan(se) else "") + f" points ({n} seeds; {same})"]
 
 
 def budget_comparison(name: str, entry: dict, others: Sequence[tuple[str, dict]]) -> list[str]:
@@ -1602,20 +1652,20 @@ def budget_comparison(name: str, entry: dict, others: Sequence[tuple[str, dict]]
     methods = display_order({m for s in summaries for m in s})
     lines = ["", "The same track at other GRPO step budgets (separate results files; their pages list the commands "
              "that produced them). Overall oracle accuracy (%), mean ± std over seeds (seeds, GRPO runs):", "",
-             "| method | " + " | ".join(f"{n} GRPO steps" for n in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+             "| method | " + " | ".join(_budget_name(e) for _, e in entries) + " |", "|---" * (len(steps) + 1) + "|"]
     for m in methods:
         cells = [f"{_pct(*s[m]['mean'])} ({s[m]['_seeds']}" + (f", {s[m]['_runs']})" if s[m]["_runs"] else ")")
                  if m in s else "—" for s in summaries]
         lines.append(f"| {method_label(m)} | " + " | ".join(cells) + " |")
     lines.append("")
+    ref = f"mor:{_eps_label(entry['ref_epsilon'])}"
     for link, e in theirs:
-        same = {k: v for k, v in e["settings"].items() if k != "grpo_steps"} == {
-            k: v for k, v in entry["settings"].items() if k != "grpo_steps"}
-        differ = [f"{k} {entry['settings'].get(k)} → {v}" for k, v in e["settings"].items()
-                  if k != "grpo_steps" and entry["settings"].get(k) != v]
-        lines.append(f"- At {e['settings']['grpo_steps']} GRPO steps ([{link}]({link}); "
-                     + ("every other setting as above" if same else "other settings differ: " + ", ".join(differ))
-                     + "): " + "; ".join(targets(e)) + ".")
+        keys = (set(e["settings"]) | set(entry["settings"])) - {"grpo_steps"}
+        differ = [f"{k} {_setting(entry, k)} → {_setting(e, k)}" for k in sorted(keys)
+                  if _setting(entry, k) != _setting(e, k)]
+        lines.append(f"- At {_budget_name(e)} ([{link}]({link}); "
+                     + ("every other setting as above" if not differ else "other settings differ: " + ", ".join(differ))
+                     + "): " + "; ".join(targets(e) + paired_across(entry, e, ref)) + ".")
     return lines
 
 

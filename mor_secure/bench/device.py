@@ -251,9 +251,10 @@ def _transport_extra(perf_results: Path | None) -> tuple[float, str, str] | None
     stored = json.loads(perf_results.read_text())
     sides = stored.get("result", {}).get("grpo", {}).get("sides", {})
     # each side's step over its own in-process side (the extra deployments have their own): the
-    # step's whole extra time, transport and the CPU it takes from the server's step alike
+    # step's whole extra time, transport and the CPU it takes from the server's step alike; only the
+    # deployments with one reward round trip per GRPO step, the schedule the device steps are timed on
     extras = {k: v["step_s"] * (1 - 1 / v["ratio"]) for k, v in sides.items()
-              if k.startswith("tls") and v.get("ratio")}
+              if k.startswith("tls") and "_k4" not in k and v.get("ratio")}
     if not extras:
         return None
     best = min(extras, key=extras.get)

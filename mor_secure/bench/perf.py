@@ -74,14 +74,29 @@ SIDE_TITLES = {"direct": "in-process (client RMs called directly)",
                "tls_executor": "the same, each scoring service is its SuperNode's ClientApp executor "
                                "(`client serve --runtime-api`, `--isolation process`: no process per message)",
                "tls_executor_k4": f"the same, {ROUND_TRIP_STEPS} GRPO steps per reward round trip "
-                                  f"(`grpo.steps_per_generation: {ROUND_TRIP_STEPS}`, both sides)"}
+                                  f"(`grpo.steps_per_generation: {ROUND_TRIP_STEPS}`, both sides)",
+               "tls_executor_hosts": "the service as executor, clients on their own CPU as on separate hosts "
+                                     "(SuperLink and server: CPU 0; every SuperNode and service: the others)",
+               "tls_executor_k4_hosts": f"the same, {ROUND_TRIP_STEPS} GRPO steps per reward round trip"}
 # the deployments after the first (sides direct and tls): how each runs its clients, and for how
 # many GRPO steps one reward round trip scores (grpo.steps_per_generation; 1 when not given)
 EXTRA_DEPLOYMENTS = {"tls_service": {"service": True, "adaptive_poll": False},
                      "tls_adaptive": {"service": True, "adaptive_poll": True},
                      "tls_executor": {"service": True, "adaptive_poll": True, "executor": True},
                      "tls_executor_k4": {"service": True, "adaptive_poll": True, "executor": True,
-                                         "steps_per_generation": ROUND_TRIP_STEPS}}
+                                         "steps_per_generation": ROUND_TRIP_STEPS},
+                     # as on separate hosts: the server's processes on one CPU, the clients' on the others
+                     # (a machine with one CPU runs neither)
+                     "tls_executor_hosts": {"service": True, "adaptive_poll": True, "executor": True, "hosts": True},
+                     "tls_executor_k4_hosts": {"service": True, "adaptive_poll": True, "executor": True, "hosts": True,
+                                               "steps_per_generation": ROUND_TRIP_STEPS}}
+
+
+def host_cpus() -> tuple[list[int], list[int]] | None:
+    """(server's CPUs, clients' CPUs) for the ``hosts`` deployments: the first CPU this process may
+    use for the SuperLink and the server, the others for the clients; None with fewer than 2."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return ([cpus[0]], cpus[1:]) if len(cpus) >= 2 else None
 
 
 
@@ -399,7 +414,7 @@ def grpo_sides(spec: dict, grid=None, progress_path: Path | None = None) -> dict
                                "rewards_s": timed.seconds, "run_s": time.perf_counter() - t0})
     out = {"sides": {}, "order_by_repeat": [sides[r % len(sides):] + sides[:r % len(sides)]
                                             for r in range(spec["repeats"])], "settle_s": settled,
-           "steps_per_generation": k}
+           "steps_per_generation": k, "server_cpus": sorted(os.sched_getaffinity(0))}
     for side, rs in runs.items():
         out["sides"][side] = {"step_s": median([r["step_s"] for r in rs]),
                               "reward_s": median([r["reward_s"] for r in rs]),
@@ -470,7 +485,7 @@ spec = ""
 
 def _deployment_run(root: Path, names: list[str], kits, folders: list[Path], spec: dict, *,
                     timeout_s: float, progress: bool, service: bool = False, adaptive_poll: bool = False,
-                    executor: bool = False) -> dict:
+                    executor: bool = False, hosts: bool = False) -> dict:
     """Start a TLS SuperLink (SuperNode auth) and one SuperNode per client on loopback, submit the
     bench ServerApp with ``flwr run``, wait for its result (bounded), stop every process.
 
@@ -478,7 +493,10 @@ def _deployment_run(root: Path, names: list[str], kits, folders: list[Path], spe
     per-message ClientApp uses) and its SuperNode relays to it (``scorer-socket``). ``adaptive_poll``:
     the SuperNodes run through ``mor-secure client supernode`` (``deploy/supernode.py``). ``executor``:
     each SuperNode runs with ``--isolation process`` and the client's service is its ClientApp
-    executor (``client serve --runtime-api``) instead of listening on a socket."""
+    executor (``client serve --runtime-api``) instead of listening on a socket. ``hosts``: the
+    SuperLink (and with it the ServerApp it starts) runs on one CPU, every client's SuperNode and
+    service on the others (:func:`host_cpus`), as if the clients were on their own hosts; checked
+    from the ServerApp's own CPU affinity."""
     from mor_secure.deploy.local import (
         LOOPBACK, ProcessGroup, flower_env, free_port, scoring_service_argv, superlink_argv, supernode_argv,
         wait_for_port, wait_for_socket, write_connection,
@@ -499,8 +517,15 @@ def _deployment_run(root: Path, names: list[str], kits, folders: list[Path], spe
     limit = str(int(timeout_s + 120))
     gcfg = GrpoSection(**spec["grpo"])
     expected = spec["repeats"] * len(spec["sides"]) * (gcfg.steps // gcfg.steps_per_generation)  # reward calls
+    server_cpus, client_cpus = None, None
+    if hosts:
+        split = host_cpus()
+        if split is None:
+            raise ConfigError("a deployment with the clients on their own CPUs needs at least 2 CPUs")
+        server_cpus, client_cpus = split
     with ProcessGroup(root / "logs") as group:
-        group.start("superlink", ["timeout", limit, *superlink_argv(kits.server_dir, LOOPBACK, port)], env, cwd=root)
+        group.start("superlink", ["timeout", limit, *superlink_argv(kits.server_dir, LOOPBACK, port)], env, cwd=root,
+                    cpus=server_cpus)
         wait_for_port(LOOPBACK, port, timeout_s=60)
         for name, folder in zip(names, folders):
             reg = subprocess.run(["flwr", "supernode", "register", str(kits.server_dir / "supernodes" / f"{name}.pub"),
@@ -510,7 +535,7 @@ def _deployment_run(root: Path, names: list[str], kits, folders: list[Path], spe
             sock, runtime_port = None, free_port()
             if service and not executor:
                 proc = group.start(f"service_{name}", ["timeout", limit, *scoring_service_argv(
-                    folder, kits.client_dirs[name], threads=1)], env, cwd=root)
+                    folder, kits.client_dirs[name], threads=1)], env, cwd=root, cpus=client_cpus)
                 sock = Path(folder) / SOCKET_NAME
                 try:
                     wait_for_socket(sock, proc, timeout_s=120)
@@ -518,11 +543,13 @@ def _deployment_run(root: Path, names: list[str], kits, folders: list[Path], spe
                     raise RuntimeError(f"{exc}; service log:\n{group.log(f'service_{name}')[-2000:]}") from None
             group.start(f"supernode_{name}", ["timeout", limit, *supernode_argv(
                 kits.client_dirs[name], folder, address, runtime_port, sock, adaptive_poll=adaptive_poll,
-                executor_secret=Path(folder) / EXECUTOR_SECRET if executor else None)], env, cwd=root)
+                executor_secret=Path(folder) / EXECUTOR_SECRET if executor else None)], env, cwd=root,
+                cpus=client_cpus)
             if executor:
                 wait_for_port(LOOPBACK, runtime_port, timeout_s=60)
                 group.start(f"service_{name}", ["timeout", limit, *scoring_service_argv(
-                    folder, kits.client_dirs[name], threads=1, runtime_port=runtime_port)], env, cwd=root)
+                    folder, kits.client_dirs[name], threads=1, runtime_port=runtime_port)], env, cwd=root,
+                    cpus=client_cpus)
         submit = subprocess.run(["flwr", "run", str(app_dir), "bench", "--run-config", f"spec='{spec_path}'"],
                                 env=env, capture_output=True, text=True, timeout=120, cwd=root)
         if submit.returncode != 0:
@@ -545,6 +572,10 @@ def _deployment_run(root: Path, names: list[str], kits, folders: list[Path], spe
     result = json.loads(result_path.read_text())
     if "error" in result:
         raise RuntimeError(f"the bench ServerApp failed:\n{result['error']}")
+    if server_cpus is not None and result.get("server_cpus") != server_cpus:
+        raise RuntimeError(f"the ServerApp ran on CPUs {result.get('server_cpus')}, not on the server's "
+                           f"{server_cpus}: the clients' CPUs were not their own")
+    result["client_cpus"] = client_cpus
     return result
 
 
@@ -641,6 +672,8 @@ def bench_grpo_transport(clients: int = 3, *, steps: int = 3, repeats: int = 2, 
             result["extra_runs"] = {}
             for side, how in EXTRA_DEPLOYMENTS.items():
                 how = dict(how)
+                if how.get("hosts") and host_cpus() is None:
+                    continue  # one CPU: no host of their own for the clients
                 k = how.pop("steps_per_generation", 1)  # the same number of reward calls per run
                 (root / f"server-{side}").mkdir()
                 spec_x = {**spec, "root": str(root / f"server-{side}"), "sides": ["direct", "tls"],
@@ -650,7 +683,8 @@ def bench_grpo_transport(clients: int = 3, *, steps: int = 3, repeats: int = 2, 
                                       progress=progress, **how)
                 result["sides"][side] = run["sides"]["tls"]
                 result["extra_runs"][side] = {"direct": run["sides"]["direct"], "order_by_repeat": run["order_by_repeat"],
-                                              "settle_s": run["settle_s"], "steps_per_generation": k, **how}
+                                              "settle_s": run["settle_s"], "steps_per_generation": k, **how,
+                                              "server_cpus": run["server_cpus"], "client_cpus": run["client_cpus"]}
             result["clientapp_cold_start"] = clientapp_cold_start(Path(copies["direct"][0]))
         else:
             with tqdm(total=repeats * len(sides) * steps, desc="(b) GRPO steps, all sides",
@@ -867,14 +901,21 @@ _DEPLOYED = {"tls": ("with a ClientApp process that loads everything per message
              "tls_executor": ("with the service as its SuperNode's ClientApp executor and the adaptive poll",
                               "with the service as executor"),
              "tls_executor_k4": (f"with the service as executor and {ROUND_TRIP_STEPS} GRPO steps per reward round "
-                                 "trip", f"with the service as executor and {ROUND_TRIP_STEPS} steps per round trip")}
+                                 "trip", f"with the service as executor and {ROUND_TRIP_STEPS} steps per round trip"),
+             "tls_executor_hosts": ("with the service as executor and the clients on their own CPU, as on separate "
+                                    "hosts", "with the service as executor on the clients' own CPU"),
+             "tls_executor_k4_hosts": (f"with the clients on their own CPU and {ROUND_TRIP_STEPS} GRPO steps per "
+                                       "reward round trip", f"with the clients on their own CPU and "
+                                       f"{ROUND_TRIP_STEPS} steps per round trip")}
+#: the deployments with one reward round trip per GRPO step (the demo's schedule), best first when tied
+_ONE_PER_STEP = ("tls_executor_hosts", "tls_executor", "tls_adaptive", "tls_service", "tls")
 
 
 def _transport_analysis(b: dict, cpus) -> list[str]:
     """Target (b)'s verdict and where the deployment runtime's time goes, from the measured numbers."""
     s, direct = b["sides"], b["sides"]["direct"]
     # the target is judged on the demo's schedule, one reward round trip per GRPO step
-    deployed = [side for side in ("tls_executor", "tls_adaptive", "tls_service", "tls") if side in s]
+    deployed = [side for side in _ONE_PER_STEP if side in s]
     best_side = min(deployed, key=lambda side: s[side]["ratio"])
     best = s[best_side]["ratio"]
     lines = [f"Target (b) **{'met' if best <= TARGET_RATIO else 'missed'}**: "
@@ -882,18 +923,33 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
              + f" ({s['grid']['ratio']:.2f}x with Flower messages alone, in-process). The reward call grows by "
              + ", ".join(f"{s[side]['reward_extra_s']:.2f} s per step {_DEPLOYED[side][1]}" for side in deployed)
              + f", and {s['grid']['reward_extra_s']:.3f} s with in-process Flower messages."]
-    if "tls_executor_k4" in s:
-        k4 = s["tls_executor_k4"]
+    hosts = b.get("extra_runs", {}).get("tls_executor_hosts")
+    if hosts is not None:
+        lines += ["", f"With the clients on their own CPU, as on separate hosts (the SuperLink and the ServerApp it "
+                  f"starts on CPU {', '.join(map(str, hosts['server_cpus']))}, checked from the ServerApp's own "
+                  f"affinity; every client's SuperNode and scoring service on CPU "
+                  f"{', '.join(map(str, hosts['client_cpus']))}; that run's in-process side runs in the same "
+                  f"ServerApp, so the clients' scoring in it shares the server's CPU): "
+                  f"**{s['tls_executor_hosts']['ratio']:.2f}x**, the round trip adding "
+                  f"{s['tls_executor_hosts']['reward_extra_s']:.2f} s per step"
+                  + (f" ({s['tls_executor']['ratio']:.2f}x with every process on all {cpus} CPUs: there the "
+                     f"SuperLink's, SuperNodes' and services' polls and messages take CPU time from the server's "
+                     f"GRPO step)" if "tls_executor" in s else "")
+                  + ". On loopback a message pays no network latency; between hosts each of the round trip's "
+                  "messages also pays the network's round-trip time."]
+    k4_sides = [side for side in ("tls_executor_k4", "tls_executor_k4_hosts") if side in s]
+    if k4_sides:
         k = ROUND_TRIP_STEPS
         lines += ["", f"With {k} GRPO steps per reward round trip (`grpo.steps_per_generation: {k}` on both sides: the "
                   f"policy samples {k} steps' prompts at once, the clients score them in one request, and each of the "
-                  f"next {k} steps trains on one slice): **{k4['ratio']:.2f}x** "
-                  f"({'within' if k4['ratio'] <= TARGET_RATIO else 'above'} {TARGET_RATIO}x); the round trip adds "
-                  f"{k4['reward_extra_s']:.2f} s per step. This is another GRPO schedule than the demo's (the later "
-                  f"slices are sampled by a policy up to {k - 1} steps old, which TRL's clipped importance ratio "
-                  f"corrects); "
-                  f"its effect on alignment quality is not measured by `bench alignment`, so the target above is "
-                  f"judged on one round trip per step."]
+                  f"next {k} steps trains on one slice): "
+                  + ", ".join(f"**{s[side]['ratio']:.2f}x** {_DEPLOYED[side][0]} "
+                              f"({'within' if s[side]['ratio'] <= TARGET_RATIO else 'above'} {TARGET_RATIO}x; the "
+                              f"round trip adds {s[side]['reward_extra_s']:.2f} s per step)" for side in k4_sides)
+                  + f". This is another GRPO schedule than the demo's (the later slices are sampled by a policy up to "
+                  f"{k - 1} steps old, which TRL's clipped importance ratio corrects); its effect on alignment quality "
+                  f"is measured by `bench alignment` with `--set grpo.steps_per_generation={k}` (section 'MoR "
+                  f"against the baselines'), and the target above is judged on one round trip per step."]
     cold = b.get("clientapp_cold_start")
     if not cold or "relay" not in cold:
         return lines
@@ -951,9 +1007,11 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
                  f"({direct['step_s']:.2f} s here), what remains "
                  + ("is the round trip itself: the server's message through the SuperLink, the SuperNode and its "
                     "Runtime API to the service and back, with the polls between them."
-                    if best_side == "tls_executor" else
+                    if best_side.startswith("tls_executor") else
                     "is Flower 1.42's new `flwr-clientapp` process per message and the polls."))
-    if best_side == "tls_executor":
+    if best_side.endswith("_hosts"):
+        return lines  # measured with the clients off the server's CPU: no estimate needed
+    if best_side.startswith("tls_executor"):
         est_fixed, est_proc = fixed_e, 0.0
     else:
         est_fixed, est_proc = (fixed_a if best_side == "tls_adaptive" else fixed), relay["process_cpu_s"]
@@ -970,6 +1028,8 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
 _K4_TEXT = (f", and a fifth like the fourth with {ROUND_TRIP_STEPS} GRPO steps per reward round trip on both of its "
             f"sides (each run then makes {ROUND_TRIP_STEPS} times the steps for the same number of reward calls; a "
             f"step's time is the interval between two reward calls divided by {ROUND_TRIP_STEPS})")
+_HOSTS_TEXT = ("; the fourth and fifth again with the clients on their own CPU, as on separate hosts (`taskset`: the "
+               "SuperLink and the ServerApp it starts on one CPU, every client's SuperNode and service on the others)")
 
 
 def render(result: dict, command: str, date: str, machine_line: str | None = None) -> str:
@@ -1054,7 +1114,7 @@ def render(result: dict, command: str, date: str, machine_line: str | None = Non
               f"(same RMs, same clipping, noise and ledger write). In-process grid: the real ClientApp behind "
               f"Flower messages deflated to wire objects and back, no network. Deployment: "
               f"{'a TLS SuperLink with SuperNode authentication and one SuperNode per client on 127.0.0.1, the bench ServerApp submitted with `flwr run`; before each run the previous ClientApp processes are waited for; then the same again with each client running `mor-secure client serve` and its SuperNode relaying to it, a third time with those SuperNodes run by `mor-secure client supernode`, and a fourth with each service as the ClientApp executor of its SuperNode' if 'tls' in s else 'not run (--transport grid)'}"
-              f"{_K4_TEXT if 'tls_executor_k4' in s else ''}."
+              f"{_K4_TEXT if 'tls_executor_k4' in s else ''}{_HOSTS_TEXT if 'tls_executor_hosts' in s else ''}."
               f" Target: Flower over TLS at most {TARGET_RATIO}x.", "",
               "| rewards | GRPO step (s) | reward call (s) | ratio to in-process (per repeat) | server CPU per step (s) |",
               "|---|---|---|---|---|",

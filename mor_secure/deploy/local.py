@@ -20,11 +20,13 @@ Flower 1.42 facts this relies on (checked in its source and ``--help``):
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,7 +153,12 @@ class ProcessGroup:
     log_dir: Path
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
-    def start(self, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
+    def start(self, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None,
+              cpus: Sequence[int] | None = None) -> subprocess.Popen:
+        """Start ``argv`` logging to ``log_dir/name.log``; ``cpus``: run it, and every process it
+        starts, on those CPUs only (``taskset``), as if they were another host's."""
+        if cpus is not None:
+            argv = [*pin_argv(cpus), *argv]
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
@@ -185,6 +192,19 @@ class ProcessGroup:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def pin_argv(cpus: Sequence[int]) -> list[str]:
+    """The prefix that runs a command on ``cpus`` only (util-linux ``taskset``; its children inherit it)."""
+    cpus = sorted(set(int(c) for c in cpus))
+    available = os.sched_getaffinity(0)
+    if not cpus or not set(cpus) <= available:
+        raise ConfigError(f"CPUs {cpus} to pin to: each must be one this process may run on ({sorted(available)})")
+    taskset = shutil.which("taskset")
+    if taskset is None:
+        raise ConfigError("pinning processes to CPUs needs `taskset` (util-linux): install it, e.g. "
+                          "`apt-get install util-linux`")
+    return [taskset, "--cpu-list", ",".join(map(str, cpus))]
 
 
 def _signal(p: psutil.Process, sig: int) -> None:
