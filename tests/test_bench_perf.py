@@ -135,6 +135,8 @@ def test_transport_verdict_reads_the_best_deployment_side_and_explains_the_waits
     execd["sides"]["tls_executor_hosts"]["ratio"] = 2.5  # worse than sharing: the verdict takes the best
     worse = "\n".join(_transport_analysis(execd, 2))
     assert worse.startswith("Target (b) **missed**: 2.50x with the service as executor and the clients")
+    assert "**2.50x**, the round trip adding 0.20 s per step, no better than 2.00x with every process" in worse
+    assert "take CPU time from the server's" not in worse  # the reading follows the numbers
     assert "On a dedicated machine" in worse
 
 

@@ -932,9 +932,13 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
                   f"ServerApp, so the clients' scoring in it shares the server's CPU): "
                   f"**{s['tls_executor_hosts']['ratio']:.2f}x**, the round trip adding "
                   f"{s['tls_executor_hosts']['reward_extra_s']:.2f} s per step"
-                  + (f" ({s['tls_executor']['ratio']:.2f}x with every process on all {cpus} CPUs: there the "
-                     f"SuperLink's, SuperNodes' and services' polls and messages take CPU time from the server's "
-                     f"GRPO step)" if "tls_executor" in s else "")
+                  + ((f" ({s['tls_executor']['ratio']:.2f}x with every process on all {cpus} CPUs: there the "
+                      f"SuperLink's, SuperNodes' and services' polls and messages take CPU time from the server's "
+                      f"GRPO step)" if s["tls_executor_hosts"]["ratio"] < s["tls_executor"]["ratio"] else
+                      f", no better than {s['tls_executor']['ratio']:.2f}x with every process on all {cpus} CPUs: "
+                      f"the extra time is not CPU that the clients' processes take from the server's step but the "
+                      f"round trip itself, and here every client's processes share "
+                      f"{len(hosts['client_cpus'])} CPU(s))") if "tls_executor" in s else "")
                   + ". On loopback a message pays no network latency; between hosts each of the round trip's "
                   "messages also pays the network's round-trip time."]
     k4_sides = [side for side in ("tls_executor_k4", "tls_executor_k4_hosts") if side in s]
