@@ -76,7 +76,7 @@ SIDE_TITLES = {"direct": "in-process (client RMs called directly)",
                "tls_executor_k4": f"the same, {ROUND_TRIP_STEPS} GRPO steps per reward round trip "
                                   f"(`grpo.steps_per_generation: {ROUND_TRIP_STEPS}`, both sides)",
                "tls_executor_hosts": "the service as executor, clients on their own CPU as on separate hosts "
-                                     "(SuperLink and server: CPU 0; every SuperNode and service: the others)",
+                                     "(SuperLink and server: one CPU; every SuperNode and service: the others)",
                "tls_executor_k4_hosts": f"the same, {ROUND_TRIP_STEPS} GRPO steps per reward round trip"}
 # the deployments after the first (sides direct and tls): how each runs its clients, and for how
 # many GRPO steps one reward round trip scores (grpo.steps_per_generation; 1 when not given)
@@ -937,7 +937,7 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
                       f"GRPO step)" if s["tls_executor_hosts"]["ratio"] < s["tls_executor"]["ratio"] else
                       f", no better than {s['tls_executor']['ratio']:.2f}x with every process on all {cpus} CPUs: "
                       f"the extra time is not CPU that the clients' processes take from the server's step but the "
-                      f"round trip itself, and here every client's processes share "
+                      f"round trip itself, and here all {b.get('clients', '')} clients' processes share "
                       f"{len(hosts['client_cpus'])} CPU(s))") if "tls_executor" in s else "")
                   + ". On loopback a message pays no network latency; between hosts each of the round trip's "
                   "messages also pays the network's round-trip time."]
