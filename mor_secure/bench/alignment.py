@@ -1261,8 +1261,8 @@ def _settings(track: Track, opts: Options) -> dict:
             **({"steps_per_generation": cfg.grpo.steps_per_generation} if cfg.grpo.steps_per_generation != 1 else {})}
 
 
-#: settings added after results were stored, with the value every stored result ran with
-SETTING_DEFAULTS = {"steps_per_generation": 1}
+#: settings added after results were stored, with the value every stored result ran with (LATER_FIELDS)
+SETTING_DEFAULTS = {key: default for (_, key), default in LATER_FIELDS.items()}
 
 
 def _setting(entry: dict, key: str):
@@ -1647,12 +1647,11 @@ def budget_comparison(name: str, entry: dict, others: Sequence[tuple[str, dict]]
     if not theirs:
         return []
     entries = [("", entry)] + theirs
-    steps = [e["settings"]["grpo_steps"] for _, e in entries]
     summaries = [summarise(e) for _, e in entries]
     methods = display_order({m for s in summaries for m in s})
     lines = ["", "The same track at other GRPO step budgets (separate results files; their pages list the commands "
              "that produced them). Overall oracle accuracy (%), mean ± std over seeds (seeds, GRPO runs):", "",
-             "| method | " + " | ".join(_budget_name(e) for _, e in entries) + " |", "|---" * (len(steps) + 1) + "|"]
+             "| method | " + " | ".join(_budget_name(e) for _, e in entries) + " |", "|---" * (len(entries) + 1) + "|"]
     for m in methods:
         cells = [f"{_pct(*s[m]['mean'])} ({s[m]['_seeds']}" + (f", {s[m]['_runs']})" if s[m]["_runs"] else ")")
                  if m in s else "—" for s in summaries]
