@@ -138,6 +138,20 @@ def test_transport_verdict_reads_the_best_deployment_side_and_explains_the_waits
     assert "**2.50x**, the round trip adding 0.20 s per step, no better than 2.00x with every process" in worse
     assert "take CPU time from the server's" not in worse  # the reading follows the numbers
     assert "On a dedicated machine" in worse
+    assert "Measured hop by hop" not in worse  # no trace in this result
+    # the per-hop table: one column per executor deployment with a trace, its reading from the round trips
+    from mor_secure.federation.hops import HOPS
+    trip = [0.2, 0.4, 0.05, 0.25, 0.05, 0.3, 0.1, 0.15]
+    traced = {"round_trips": 2, "total_s": sum(trip), "per_trip": [trip, trip],
+              "hops": [{"hop": what, "event": name, "median_s": v} for (name, what), v in zip(HOPS, trip)]}
+    execd["extra_runs"]["tls_executor"] = {"direct": execd["sides"]["direct"], "hops": traced}
+    table = "\n".join(_transport_analysis(execd, 2)).split("Measured hop by hop")[1]
+    assert "| hop | with the service as executor |" in table  # the hosts run has no trace: one column
+    assert "| 2. the SuperNode pulls the message's objects from the SuperLink and stores them | 0.400 |" in table
+    assert "| whole round trip | 1.500 |" in table and "| round trips | 2 |" in table
+    assert ("of 1.50 s per round trip, the calls to and from the SuperLink (hops 1, 2, 6, 7, 8: Flower's HTTP "
+            "Fleet and ServerAppIo APIs, each object of a message one call) take 1.15 s, the calls between the "
+            "SuperNode and its executor (hops 3, 5) 0.10 s, and scoring 0.25 s") in table
 
 
 def test_device_estimate_uses_one_reward_round_trip_per_step(tmp_path):

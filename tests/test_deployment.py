@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import re
 import signal
+import statistics
 import subprocess
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+
 from helpers.hardening import record as hardening_record
 
 from mor_secure.config import load_config
@@ -26,6 +28,7 @@ from mor_secure.deploy.local import (
     LOOPBACK, ProcessGroup, flower_env, free_port, scoring_service_argv, superlink_argv, supernode_argv,
     wait_for_port, wait_for_socket, write_connection,
 )
+from mor_secure.federation import hops
 from mor_secure.privacy.ledger import load_public_key, verify_ledger
 
 pytestmark = pytest.mark.slow
@@ -55,8 +58,9 @@ def link(tmp_path_factory):
     address = f"{LOOPBACK}:{port}"
     write_connection(root / "flwr_home", "local", address, kits.server_dir / "ca.pem")
     with ProcessGroup(root / "logs") as group:
+        (root / "hops").mkdir()
         group.start("superlink", ["timeout", str(RUN_TIMEOUT_S + 120), *superlink_argv(kits.server_dir, LOOPBACK, port)],
-                    env, cwd=root)
+                    {**env, hops.ENV: str(root / "hops" / "server.jsonl")}, cwd=root)  # the ServerApp's hop trace
         wait_for_port(LOOPBACK, port, timeout_s=60)
         for name in CLIENTS:
             reg = subprocess.run(["flwr", "supernode", "register", str(kits.server_dir / "supernodes" / f"{name}.pub"),
@@ -66,7 +70,10 @@ def link(tmp_path_factory):
 
 
 def start_node(link, name: str, argv: list[str], timeout_s: int = 60):
-    return link["group"].start(name, ["timeout", str(timeout_s), *argv], link["env"], cwd=link["root"])
+    env = link["env"]
+    if name.endswith(EXECUTOR_CLIENT):  # the executor client's SuperNode and service trace their hops
+        env = {**env, hops.ENV: str(link["root"] / "hops" / f"{name}.jsonl")}
+    return link["group"].start(name, ["timeout", str(timeout_s), *argv], env, cwd=link["root"])
 
 
 def refused(link, name: str, argv: list[str]) -> tuple[int, str]:
@@ -224,6 +231,19 @@ def test_scoring_service_answered_every_request_of_its_client(job, link, name):
     if name == EXECUTOR_CLIENT:  # every task it acquired was one request, none failed
         tasks, failed = map(int, re.search(r"after (\d+) task\(s\), (\d+) failed", log).groups())
         assert tasks == served and failed == 0, log[-2000:]
+
+
+def test_hop_trace_splits_each_score_round_trip_of_the_executor_client(job, link):
+    """gamma's SuperNode and its service as executor noted each part of every reward round trip
+    (with the ServerApp's push and pulls): one time line per round trip whose hops add up to it."""
+    trace = link["root"] / "hops"
+    client = hops.read(trace / f"supernode_{EXECUTOR_CLIENT}.jsonl") + hops.read(trace / f"service_{EXECUTOR_CLIENT}.jsonl")
+    path = hops.critical_path(hops.read(trace / "server.jsonl"), [client], kind="query.score")
+    assert path["round_trips"] >= load_config(CONFIG).grpo.steps, path
+    for trip in path["per_trip"]:
+        assert len(trip) == len(hops.HOPS) and min(trip) >= 0 and 0 < sum(trip) < RUN_TIMEOUT_S
+    assert path["total_s"] == pytest.approx(statistics.median(sum(t) for t in path["per_trip"]))  # hops add up
+    assert path["hops"][3]["median_s"] > 0  # the client scored in every round trip
 
 
 @pytest.mark.parametrize("secret", [None, b"not the folder's secret"], ids=["no-secret", "wrong-secret"])

@@ -135,7 +135,9 @@ def test_short_pull_backoff_keeps_flowers_function_and_limits():
     module = types.SimpleNamespace(pull_objects=inflatable_utils.pull_objects)
     assert sn.short_pull_backoff(module)
     assert module.pull_objects.func is inflatable_utils.pull_objects
-    assert module.pull_objects.keywords == {"initial_backoff": sn.PULL_INITIAL_BACKOFF_S}  # cap, tries, time: Flower's
+    assert module.pull_objects.keywords == {"initial_backoff": 0.02, "backoff_cap": 0.05,
+                                            "max_tries_per_object": sn.PULL_MAX_TRIES}  # the limit on time: Flower's
+    assert 60 <= sn.PULL_MAX_TRIES * sn.PULL_BACKOFF_CAP_S <= 600  # a missing object fails the pull in minutes
     assert sn.short_pull_backoff(module) and module.pull_objects.func is inflatable_utils.pull_objects  # idempotent
     assert not sn.short_pull_backoff(types.SimpleNamespace(pull_objects=print))
     assert not sn.short_pull_backoff(types.SimpleNamespace())
@@ -160,6 +162,27 @@ def test_a_missing_object_is_pulled_again_after_the_short_backoff():
     start = time.monotonic()
     assert module.pull_objects(["a"], pull_object_fn=pull) == {"a": b"content"}
     assert len(tries) == 3 and time.monotonic() - start < 1.0  # Flower's first retry alone waits 0.8-1.2 s
+
+
+def test_a_late_object_is_found_soon_after_it_arrives():
+    """The waits between pulls of a missing object stop doubling at 0.05 s: an object 0.5 s late
+    is tried at least every ~0.06 s (Flower's doubling would wait 0.16 s, then 0.32 s)."""
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    module = types.SimpleNamespace(pull_objects=inflatable_utils.pull_objects)
+    assert sn.short_pull_backoff(module)
+    arrives, tries = time.monotonic() + 0.5, []
+
+    def pull(obj_id):
+        tries.append(time.monotonic())
+        if tries[-1] < arrives:
+            raise ObjectUnavailableError(obj_id)
+        return b"content"
+
+    assert module.pull_objects(["a"], pull_object_fn=pull) == {"a": b"content"}
+    gaps = [b - a for a, b in zip(tries, tries[1:])]
+    assert len(tries) >= 8 and max(gaps) < 0.05 * 1.2 + 0.03, gaps  # +20% jitter, scheduling slack
 
 
 @pytest.mark.parametrize("flower_loop", ["known", "pull_changed", "loop_changed", "both_changed"])

@@ -58,6 +58,7 @@ from mor_secure.bench.calibration import dpsgd_plans_once
 from mor_secure.bench.timing import TimedReward, client_rm, median, ratios, train_once, try_mode
 from mor_secure.config import GrpoSection, RunConfig, parse_config
 from mor_secure.errors import ConfigError
+from mor_secure.federation import hops
 
 FAMILIES = ("llava", "idefics3", "paligemma")
 _OWNED = {"llava": "colour", "idefics3": "count", "paligemma": "position"}
@@ -523,9 +524,15 @@ def _deployment_run(root: Path, names: list[str], kits, folders: list[Path], spe
         if split is None:
             raise ConfigError("a deployment with the clients on their own CPUs needs at least 2 CPUs")
         server_cpus, client_cpus = split
+    trace_dir = root / "hops"  # each process's hop timestamps (federation.hops)
+    trace_dir.mkdir()
+
+    def traced(name: str) -> dict[str, str]:
+        return {**env, hops.ENV: str(trace_dir / f"{name}.jsonl")}
+
     with ProcessGroup(root / "logs") as group:
-        group.start("superlink", ["timeout", limit, *superlink_argv(kits.server_dir, LOOPBACK, port)], env, cwd=root,
-                    cpus=server_cpus)
+        group.start("superlink", ["timeout", limit, *superlink_argv(kits.server_dir, LOOPBACK, port)],
+                    traced("server"), cwd=root, cpus=server_cpus)
         wait_for_port(LOOPBACK, port, timeout_s=60)
         for name, folder in zip(names, folders):
             reg = subprocess.run(["flwr", "supernode", "register", str(kits.server_dir / "supernodes" / f"{name}.pub"),
@@ -535,7 +542,8 @@ def _deployment_run(root: Path, names: list[str], kits, folders: list[Path], spe
             sock, runtime_port = None, free_port()
             if service and not executor:
                 proc = group.start(f"service_{name}", ["timeout", limit, *scoring_service_argv(
-                    folder, kits.client_dirs[name], threads=1)], env, cwd=root, cpus=client_cpus)
+                    folder, kits.client_dirs[name], threads=1)], traced(f"service_{name}"), cwd=root,
+                    cpus=client_cpus)
                 sock = Path(folder) / SOCKET_NAME
                 try:
                     wait_for_socket(sock, proc, timeout_s=120)
@@ -543,13 +551,13 @@ def _deployment_run(root: Path, names: list[str], kits, folders: list[Path], spe
                     raise RuntimeError(f"{exc}; service log:\n{group.log(f'service_{name}')[-2000:]}") from None
             group.start(f"supernode_{name}", ["timeout", limit, *supernode_argv(
                 kits.client_dirs[name], folder, address, runtime_port, sock, adaptive_poll=adaptive_poll,
-                executor_secret=Path(folder) / EXECUTOR_SECRET if executor else None)], env, cwd=root,
-                cpus=client_cpus)
+                executor_secret=Path(folder) / EXECUTOR_SECRET if executor else None)], traced(f"supernode_{name}"),
+                cwd=root, cpus=client_cpus)
             if executor:
                 wait_for_port(LOOPBACK, runtime_port, timeout_s=60)
                 group.start(f"service_{name}", ["timeout", limit, *scoring_service_argv(
-                    folder, kits.client_dirs[name], threads=1, runtime_port=runtime_port)], env, cwd=root,
-                    cpus=client_cpus)
+                    folder, kits.client_dirs[name], threads=1, runtime_port=runtime_port)], traced(f"service_{name}"),
+                    cwd=root, cpus=client_cpus)
         submit = subprocess.run(["flwr", "run", str(app_dir), "bench", "--run-config", f"spec='{spec_path}'"],
                                 env=env, capture_output=True, text=True, timeout=120, cwd=root)
         if submit.returncode != 0:
@@ -576,6 +584,9 @@ def _deployment_run(root: Path, names: list[str], kits, folders: list[Path], spe
         raise RuntimeError(f"the ServerApp ran on CPUs {result.get('server_cpus')}, not on the server's "
                            f"{server_cpus}: the clients' CPUs were not their own")
     result["client_cpus"] = client_cpus
+    result["hops"] = hops.critical_path(hops.read(trace_dir / "server.jsonl"),
+                                      [hops.read(trace_dir / f"supernode_{n}.jsonl") + hops.read(trace_dir / f"service_{n}.jsonl")
+                                       for n in names], kind="query.score")
     return result
 
 
@@ -684,7 +695,8 @@ def bench_grpo_transport(clients: int = 3, *, steps: int = 3, repeats: int = 2, 
                 result["sides"][side] = run["sides"]["tls"]
                 result["extra_runs"][side] = {"direct": run["sides"]["direct"], "order_by_repeat": run["order_by_repeat"],
                                               "settle_s": run["settle_s"], "steps_per_generation": k, **how,
-                                              "server_cpus": run["server_cpus"], "client_cpus": run["client_cpus"]}
+                                              "server_cpus": run["server_cpus"], "client_cpus": run["client_cpus"],
+                                              "hops": run["hops"]}
             result["clientapp_cold_start"] = clientapp_cold_start(Path(copies["direct"][0]))
         else:
             with tqdm(total=repeats * len(sides) * steps, desc="(b) GRPO steps, all sides",
@@ -987,7 +999,8 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
               "early cost about a second: the SuperNode's pull from the SuperLink, the ClientApp's from the "
               "SuperNode and the ServerApp's pull of the replies. `mor-secure client supernode`, the executor and "
               "the ServerApp's reply pulls (`mor_secure.federation.channel`) retry after 0.02 s instead, doubling up "
-              "to Flower's cap as before; a per-message `flwr-clientapp` process keeps Flower's 1 s;",
+              "to 0.05 s (Flower's cap: 10 s, which let an object 0.3 s late be found up to 0.3 s after it came); "
+              "a per-message `flwr-clientapp` process keeps Flower's 1 s;",
               "- Flower's SuperNode looks for the reply every 0.5 s (the adaptive one every 0.02 s), and the ServerApp "
               "pulls replies from the SuperLink every 0.02 s at first, then every eighth of the time waited so far, at "
               "most every 0.25 s "
@@ -1002,7 +1015,7 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
               + (f"{s['tls_adaptive']['reward_extra_s']:.1f} s" if "tls_adaptive" in s else "n/a")
               + f"), {idle_a:.2f} + 0.02 + 0.01 + about 0.1 = {fixed_e:.1f} s with the service as executor (measured "
               + (f"{s['tls_executor']['reward_extra_s']:.1f} s" if "tls_executor" in s else "n/a")
-              + f"); the clients' processes start at the same time on {cpus} shared CPUs.", ""]
+              + f"); the clients' processes start at the same time on {cpus} shared CPUs.", *_hop_lines(b), ""]
     extra = s[best_side]["reward_extra_s"]
     lines.append(f"This extra time is fixed per step, whatever the step's size: the ratio reaches {TARGET_RATIO}x "
                  f"for GRPO steps that take over {extra / (TARGET_RATIO - 1):.1f} s in-process (`mor-secure bench "
@@ -1026,6 +1039,44 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
               + f". That is about {est:.1f} s per step, or **{est / direct['server_cpu_s']:.1f}x**. It leaves out the "
               f"CPU that the SuperLink, the SuperNodes and the services spend on each message (TLS, object pulls, "
               f"scoring), which here competes with the server's on {cpus} CPUs."]
+    return lines
+
+
+#: Rows of the per-hop table that are calls to or from the SuperLink, and the one that is scoring.
+_LINK_HOPS = ("supernode.received", "supernode.stored", "supernode.sent", "server.pull", "server.replies")
+_LOCAL_HOPS = ("executor.inputs", "executor.replied")
+
+
+def _hop_lines(b: dict) -> list[str]:
+    """The measured per-hop table of the one-round-trip-per-step executor deployments, and its reading."""
+    runs = {side: r["hops"] for side, r in b.get("extra_runs", {}).items() if r.get("hops", {}).get("round_trips")}
+    sides = [side for side in ("tls_executor", "tls_executor_hosts") if side in runs]
+    if not sides:
+        return []
+    lines = ["", "Measured hop by hop (`mor_secure.federation.hops`): in the executor deployments every process "
+             "notes the moment each part of a reward round trip ends (one clock: all on this machine). The path "
+             "follows the client whose reply reached the SuperLink last, then the server's pull that found it; a "
+             "hop counts only its time past the one before, so a round trip's hops add up to its whole time. "
+             "Seconds, medians over the round trips:", "",
+             "| hop | " + " | ".join(_DEPLOYED[side][1] for side in sides) + " |",
+             "|---|" + "---:|" * len(sides)]
+    for i, hop in enumerate(runs[sides[0]]["hops"]):
+        lines.append(f"| {i + 1}. {hop['hop']} | " + " | ".join(f"{runs[side]['hops'][i]['median_s']:.3f}"
+                                                            for side in sides) + " |")
+    lines += ["| whole round trip | " + " | ".join(f"{runs[side]['total_s']:.3f}" for side in sides) + " |",
+              "| round trips | " + " | ".join(str(runs[side]["round_trips"]) for side in sides) + " |", ""]
+    for side in sides:
+        trips = runs[side]["per_trip"]
+        names = [h["event"] for h in runs[side]["hops"]]
+
+        def part(events):
+            return median([sum(t[names.index(e)] for e in events) for t in trips])
+        lines.append(
+            f"- {_DEPLOYED[side][1][0].upper() + _DEPLOYED[side][1][1:]}: of {runs[side]['total_s']:.2f} s per "
+            f"round trip, the calls to and from the SuperLink (hops 1, 2, 6, 7, 8: Flower's HTTP Fleet and "
+            f"ServerAppIo APIs, each object of a message one call) take {part(_LINK_HOPS):.2f} s, the calls "
+            f"between the SuperNode and its executor (hops 3, 5) {part(_LOCAL_HOPS):.2f} s, and scoring "
+            f"{part(('executor.answered',)):.2f} s (medians of the sums).")
     return lines
 
 

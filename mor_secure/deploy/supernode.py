@@ -19,9 +19,9 @@ in that one module's namespace, nothing else:
 * the waits on the node's own local state (its ClientApp's reply, an object being stored) poll every
   ``local_poll_s`` (0.02 s) instead of 0.5 s; they read the SuperNode's in-memory state, no network;
 * its object pulls from the SuperLink (``pull_objects``) retry a not-yet-available object after
-  0.02 s instead of Flower's 1 s, doubling up to Flower's own cap (10 s) and limits as before
-  (:func:`short_pull_backoff`). A message's objects arrive just after the message itself, so the
-  first pull often came too early and waited a whole second.
+  0.02 s instead of Flower's 1 s, doubling up to 0.05 s instead of Flower's 10 s
+  (:func:`short_pull_backoff`). A message's objects arrive just after the message itself (while
+  the sender pushes them), so the first pull often came too early and waited a whole second.
 
 Everything else (TLS, node authentication, the Runtime API, the SuperExec and its ClientApp
 processes) is Flower's code as installed. The substitutions are made only where the installed
@@ -37,6 +37,8 @@ import threading
 import time as _time
 from collections.abc import Callable, Sequence
 
+from mor_secure.federation import hops
+
 log = logging.getLogger(__name__)
 
 FLOWER_IDLE_S = 3.0  # the sleep this replaces, after an empty pull (Flower 1.42)
@@ -45,6 +47,16 @@ LOCAL_POLL_S = 0.02
 IDLE_FRACTION = 0.125
 #: First wait before pulling a not-yet-available object again (Flower 1.42: PULL_INITIAL_BACKOFF = 1 s).
 PULL_INITIAL_BACKOFF_S = 0.02
+#: Longest wait between two pulls of a missing object (Flower 1.42: PULL_BACKOFF_CAP = 10 s). The
+#: waits double from the first, so with a cap of 10 s an object that arrives 0.3 s late could be
+#: found up to 0.3 s after it arrived; at 0.05 s it is found at most about 0.05 s after.
+PULL_BACKOFF_CAP_S = 0.05
+#: Tries per object before the pull fails (Flower 1.42: 500, about 80 minutes at its waits): about
+#: 5 minutes at these waits. Objects follow their message by milliseconds on a working link.
+PULL_MAX_TRIES = 6000
+#: The keyword arguments of Flower's object pulls (``pull_objects``, ``pull_and_inflate_object_from_tree``).
+PULL_RETRY = {"initial_backoff": PULL_INITIAL_BACKOFF_S, "backoff_cap": PULL_BACKOFF_CAP_S,
+              "max_tries_per_object": PULL_MAX_TRIES}
 
 
 def idle_wait(idle_s: float, *, floor_s: float = FLOOR_S, ceiling_s: float = FLOWER_IDLE_S,
@@ -91,18 +103,33 @@ class AdaptiveClock:
         return getattr(_time, name)
 
 
+def _traced(fn: Callable, event: str, when: Callable[[object], bool]) -> Callable:
+    """``fn``, noting ``event`` in the hop trace (``federation.hops``) after each call whose result
+    passes ``when``."""
+    def call(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        if when(out):
+            hops.note(event)
+        return out
+    return call
+
+
 def install(module, clock: AdaptiveClock) -> bool:
     """Put ``clock`` in place of ``module.time``; wrap ``module._pull_and_store_message`` and
     ``module._push_messages`` so that a pulled message, and the end of pushing its reply, mark the
-    clock (the node is busy, not idle, in between). Returns False (and changes nothing) if a name is
+    clock (the node is busy, not idle, in between), and note both in the hop trace with the moment
+    the message itself arrived (``federation.hops``; nothing without ``MOR_SECURE_HOP_TRACE``). Returns False (and changes nothing) if a name is
     missing or is not what Flower 1.42 has there."""
     pull, push = getattr(module, "_pull_and_store_message", None), getattr(module, "_push_messages", None)
     if getattr(module, "time", None) is not _time or not callable(pull) or not callable(push):
         return False
 
     def pull_and_mark(*args, **kwargs):
+        if "receive" in kwargs:
+            kwargs["receive"] = _traced(kwargs["receive"], "supernode.received", lambda got: got is not None)
         run_id = pull(*args, **kwargs)
         if run_id is not None:
+            hops.note("supernode.stored")
             clock.mark_message()
         return run_id
 
@@ -110,6 +137,7 @@ def install(module, clock: AdaptiveClock) -> bool:
         try:
             return push(*args, **kwargs)
         finally:
+            hops.note("supernode.sent")
             clock.mark_message()
 
     module._pull_and_store_message, module._push_messages = pull_and_mark, push_and_mark
@@ -117,11 +145,12 @@ def install(module, clock: AdaptiveClock) -> bool:
     return True
 
 
-def short_pull_backoff(module, initial_s: float = PULL_INITIAL_BACKOFF_S) -> bool:
+def short_pull_backoff(module) -> bool:
     """Make ``module.pull_objects`` (Flower's object pull, imported by name into ``module``) retry a
-    missing object first after ``initial_s``. The doubling, its cap and the limits on tries and
-    time stay Flower's. Returns False (and changes nothing) if ``module.pull_objects`` is not
-    Flower's function; True if it is, or was already replaced."""
+    missing object on ``PULL_RETRY``'s schedule: first after 0.02 s, doubling up to 0.05 s, at most
+    ``PULL_MAX_TRIES`` tries. Flower's doubling and its limit on the whole pull's time stay. Returns
+    False (and changes nothing) if ``module.pull_objects`` is not Flower's function; True if it is,
+    or was already replaced."""
     from flwr.supercore.inflatable import inflatable_utils
 
     current = getattr(module, "pull_objects", None)
@@ -129,7 +158,7 @@ def short_pull_backoff(module, initial_s: float = PULL_INITIAL_BACKOFF_S) -> boo
         return True
     if current is not inflatable_utils.pull_objects:
         return False
-    module.pull_objects = functools.partial(current, initial_backoff=initial_s)
+    module.pull_objects = functools.partial(current, **PULL_RETRY)
     return True
 
 
@@ -151,7 +180,8 @@ def main(argv: Sequence[str], *, floor_s: float = FLOOR_S, local_poll_s: float =
         print(f"mor-secure: flower-supernode (flwr {flwr.__version__}) with adaptive polling: after an empty "
               f"pull it sleeps an eighth of the time since its last message, {floor_s:g} s to "
               f"{FLOWER_IDLE_S:g} s; local waits every {local_poll_s:g} s; a missing object is pulled again "
-              f"after {PULL_INITIAL_BACKOFF_S:g} s", file=sys.stderr, flush=True)
+              f"after {PULL_INITIAL_BACKOFF_S:g} s, then at most every {PULL_BACKOFF_CAP_S:g} s", file=sys.stderr,
+              flush=True)
     else:
         print(f"mor-secure: warning: flwr {flwr.__version__}'s SuperNode loop is not the one this launcher "
               "knows (flwr.supernode.start_client_internal has no `time` module, no "

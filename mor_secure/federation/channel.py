@@ -32,6 +32,7 @@ from PIL import Image
 from mor_secure.alignment.grpo import MixtureReward, completion_text
 from mor_secure.crypto import ckks
 from mor_secure.errors import ConfigError, CryptoError, ProtocolError
+from mor_secure.federation import hops
 from mor_secure.federation import protocol as P
 from mor_secure.rewards.router import Router
 
@@ -76,16 +77,22 @@ def send_and_receive(grid, messages: list[Message], timeout: float) -> list[Mess
     _short_reply_pulls(grid)
     from mor_secure.deploy.supernode import idle_wait
 
+    hops.note(hops.SERVER_PUSH, kind=messages[0].metadata.message_type)
     pending = set(grid.push_messages(messages))
+    hops.note(hops.SERVER_PUSHED)
     start = time.monotonic()
     deadline = start + timeout
     replies: list[Message] = []
     while pending:
+        hops.note(hops.SERVER_PULL)
         got = list(grid.pull_messages(pending))
         replies += got
         pending -= {m.metadata.reply_to_message_id for m in got}
         now = time.monotonic()
-        if not pending or now >= deadline:
+        if not pending:
+            hops.note(hops.SERVER_DONE)
+            break
+        if now >= deadline:
             break
         wait = idle_wait(now - start, floor_s=POLL_S[0], ceiling_s=POLL_S[1], fraction=POLL_FRACTION)
         time.sleep(min(wait, deadline - now))

@@ -40,6 +40,8 @@ from collections.abc import Callable
 import httpx
 from flwr.app import Message
 
+from mor_secure.federation import hops
+
 log = logging.getLogger(__name__)
 
 #: AcquireTask is the only Runtime API call Flower protects with the SuperExec secret.
@@ -66,7 +68,7 @@ def _runtime_client(address: str, interceptors: list):
 def pull_task_input(client):
     """The task's message and context: Flower's ``run_clientapp.pull_task_input`` with two changes.
     The FAB is not inflated (it is never run), and a message object not yet in the SuperNode's store
-    is pulled again after 0.02 s, not 1 s. The SuperNode hands out the task as soon as it has stored
+    is pulled again after 0.02 s, not 1 s, and at most every 0.05 s, not 10 s (``PULL_RETRY``). The SuperNode hands out the task as soon as it has stored
     the message, and its objects follow a moment later."""
     from flwr.common.serde import context_from_proto
     from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
@@ -77,7 +79,7 @@ def pull_task_input(client):
     from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
     from flwr.supercore.task_identity import TaskIdentity
 
-    from mor_secure.deploy.supernode import PULL_INITIAL_BACKOFF_S
+    from mor_secure.deploy.supernode import PULL_RETRY
 
     task = client.PullTaskInput(PullTaskInputRequest())
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = task.task_id, task.run.run_id, task.context.node_id
@@ -89,7 +91,7 @@ def pull_task_input(client):
     message = pull_and_inflate_object_from_tree(
         tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message, initial_backoff=PULL_INITIAL_BACKOFF_S)
+        return_type=Message, **PULL_RETRY)
     message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower's: the deflated message lacks it
     return message, context
 
@@ -149,7 +151,9 @@ class RuntimeExecutor:
                     self._stop.wait(RETRY_S)
                     continue
                 if token is not None:
+                    hops.note("executor.acquired")
                     self.run_task(token)
+                    hops.note("executor.finished")
                     last = time.monotonic()
                     continue
                 idle = time.monotonic() - last
@@ -178,9 +182,12 @@ class RuntimeExecutor:
         status, details = SubStatus.FAILED, "the task failed before its message was read"
         try:
             message, context = pull_task_input(client)  # the FAB is not pulled, installed or run
+            hops.note("executor.inputs")
             out = self._answer(message.metadata.message_type, message.content, dict(context.node_config))
+            hops.note("executor.answered")
             reply = P.error_reply(message, *out) if isinstance(out, tuple) else Message(out, reply_to=message)
             push_message(client, reply, context)
+            hops.note("executor.replied")
             status, details = SubStatus.COMPLETED, ""
         except Exception as exc:  # noqa: BLE001 - the task fails with a reason; the service goes on
             self.failed += 1

@@ -1,0 +1,118 @@
+"""Timestamps of one reward round trip's hops, for ``bench perf`` (b): where the time goes.
+
+A process started with ``MOR_SECURE_HOP_TRACE=PATH`` in its environment appends one JSON line
+per event to PATH: ``{"t": wall-clock seconds, "event": name}``. Without the variable
+:func:`note` does nothing. The events are written by the ServerApp's reply loop
+(``channel.send_and_receive``), the adaptive SuperNode (``deploy.supernode``) and the scoring
+service as ClientApp executor (``federation.runtime_executor``). All the processes of a
+loopback deployment share one clock, so the events of one round trip can be laid on one time
+line (:func:`critical_path`). Nothing a client releases is traced: names and times only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from statistics import median
+
+ENV = "MOR_SECURE_HOP_TRACE"
+
+_lock = threading.Lock()
+_file = None
+_path = None
+
+
+def note(event: str, **detail) -> None:
+    """Append ``event`` (and ``detail``) with the current time to this process's trace, if it has one."""
+    global _file, _path
+    path = os.environ.get(ENV)
+    if not path:
+        return
+    t = time.time()
+    with _lock:
+        if _file is None or _path != path:
+            _file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - one per process
+            _path = path
+        _file.write(json.dumps({"t": t, "event": event, **detail}) + "\n")
+
+
+def read(path: Path | str) -> list[dict]:
+    """The events in a trace file (none if it does not exist); a torn last line is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+SERVER_PUSH, SERVER_PUSHED, SERVER_PULL, SERVER_DONE = "server.push", "server.pushed", "server.pull", "server.replies"
+#: The critical path of a reward round trip: (event that ends the hop, what happens in it). The
+#: client events are those of the client whose reply reached the SuperLink last.
+HOPS = (
+    ("supernode.received", "the server pushes the requests to the SuperLink; the SuperNode pulls its message"),
+    ("supernode.stored", "the SuperNode pulls the message's objects from the SuperLink and stores them"),
+    ("executor.inputs", "the executor pulls the message and its context from the SuperNode"),
+    ("executor.answered", "the client scores the responses (the same work as in-process)"),
+    ("executor.replied", "the executor pushes the reply to the SuperNode"),
+    ("supernode.sent", "the SuperNode pushes the reply and its objects to the SuperLink"),
+    (SERVER_PULL, "the server's next pull for replies (its poll interval)"),
+    (SERVER_DONE, "the server pulls the replies and their objects from the SuperLink"),
+)
+
+
+def _first(events: Sequence[dict], name: str, start: float, end: float) -> float | None:
+    return next((e["t"] for e in events if e["event"] == name and start <= e["t"] <= end), None)
+
+
+def critical_path(server: Sequence[dict], clients: Iterable[Sequence[dict]], kind: str | None = None) -> dict:
+    """Split each round trip, from the server's push to its last reply, into ``HOPS``.
+
+    ``server``: the ServerApp's events; ``clients``: one event list per client (its SuperNode's
+    and its executor's together); ``kind``: only round trips of that message type. A round trip
+    runs from a ``server.push`` to the next ``server.replies``; a client's events in that window
+    are its part of it (one request per client at a time). The path follows the client whose
+    reply reached the SuperLink last, then the server's last pull (the one that found the last
+    reply). A hop that overlaps the one before counts only its time past it, so a round trip's
+    hops add up to its whole time. Returns the number of round trips with every event, and per
+    hop and in all the median seconds over them (medians need not add up to the total's median),
+    and each round trip's hops (``per_trip``, in ``HOPS`` order).
+    """
+    pushes = [e["t"] for e in server if e["event"] == SERVER_PUSH and (kind is None or e.get("kind") == kind)]
+    clients = [sorted(c, key=lambda e: e["t"]) for c in clients]
+    pulls = sorted(e["t"] for e in server if e["event"] == SERVER_PULL)
+    per_hop: dict[str, list[float]] = {name: [] for name, _ in HOPS}
+    totals, trips = [], []
+    for start in pushes:
+        end = _first(server, SERVER_DONE, start, float("inf"))
+        if end is None:
+            continue
+        sent = [(_first(c, "supernode.sent", start, end), c) for c in clients]
+        if not sent or any(t is None for t, _ in sent):
+            continue
+        _, last = max(sent, key=lambda tc: tc[0])
+        points = {name: _first(last, name, start, end) for name, _ in HOPS[:6]}
+        points[SERVER_PULL] = max((t for t in pulls if start <= t <= end), default=None)
+        points[SERVER_DONE] = end
+        if any(t is None for t in points.values()):
+            continue
+        reached, trip = start, []
+        for name, _ in HOPS:
+            now = max(reached, points[name])
+            trip.append(now - reached)
+            per_hop[name].append(now - reached)
+            reached = now
+        totals.append(end - start)
+        trips.append(trip)
+    if not totals:
+        return {"round_trips": 0}
+    return {"round_trips": len(totals), "total_s": median(totals), "per_trip": trips,
+            "hops": [{"hop": what, "event": name, "median_s": median(per_hop[name])} for name, what in HOPS]}
