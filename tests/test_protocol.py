@@ -24,8 +24,16 @@ def test_score_request_roundtrip():
 
 
 @pytest.mark.parametrize("mutate,fragment", [
-    (lambda c: c["data"].__setitem__("images", Array(np.zeros((2, 8, 8), np.uint8))), "data.images"),
-    (lambda c: c["data"].__setitem__("image_index", Array(np.array([0, 5, 1]))), "out of range"),
+    (lambda c: c["cfg"].__setitem__("images_shape", [2, 8, 8]), "cfg.images_shape"),
+    (lambda c: c["cfg"].__setitem__("images_shape", [2, 8, 8, 4]), "not the 512 of shape"),
+    (lambda c: c["cfg"].__setitem__("images_shape", [2, 8, 12, 2]), "must be uint8 of shape"),  # RGB only
+    (lambda c: c["cfg"].__setitem__("images", "x"), "cfg.images must be bytes"),
+    (lambda c: c.__setitem__("data", ArrayRecord({"images": Array(np.zeros((2, 8, 8, 3), np.uint8))})), "both"),
+    (lambda c: [c["cfg"].__delitem__("images"), c["cfg"].__delitem__("images_shape")], "data.images"),
+    (lambda c: c["cfg"].__setitem__("image_index", [0, 5, 1]), "out of range"),
+    (lambda c: c["cfg"].__setitem__("image_index", [0, 1]), "one per response"),
+    (lambda c: c["cfg"].__setitem__("image_index", [0.0, 1.0, 0.0]), "cfg.image_index must be a list of integers"),
+    (lambda c: c["cfg"].__delitem__("image_index"), "cfg.image_index"),
     (lambda c: c["cfg"].__setitem__("questions", ["q"]), "cfg.questions"),
     (lambda c: c["cfg"].__setitem__("responses", []), "responses"),
     (lambda c: c["cfg"].__setitem__("phase", ""), "cfg.phase"),
@@ -44,13 +52,33 @@ def test_malformed_requests_are_refused(mutate, fragment):
     (np.array([1.0, np.inf, 0.0]), "NaN or infinite"),
     (np.array([1.0, 2.0]), "expected 3"),
     (np.array([1.0, 99.0, 0.0]), "declared range"),
-    (np.array([[1.0, 2.0, 3.0]]), "1-D"),
+    ([1, 2, 3], "list of floats; found list of \\['int'\\]"),
+    ("1.0", "list of floats; found str"),
+    (np.array([1.0, 2.0, 3.0]), "list of floats; found Array"),  # the array form is not read
 ])
 def test_bad_scores_are_rejected(scores, fragment):
-    content = RecordDict({"out": ArrayRecord({"scores": Array(scores)}), "meta": ConfigRecord({"client": "a"})})
+    out = ArrayRecord({"scores": Array(scores)}) if isinstance(scores, np.ndarray) and fragment.endswith("Array") \
+        else ConfigRecord({"scores": [float(v) for v in scores] if isinstance(scores, np.ndarray) else scores})
+    content = RecordDict({"out": out, "meta": ConfigRecord({"client": "a"})})
     with pytest.raises(ProtocolError, match=fragment):
         P.decode_scores(content, expected=3, limit=P.score_limit(5.0, 0.1))
     record("tests/test_protocol.py::test_bad_scores_are_rejected", inputs=1, bad_inputs=1)
+
+
+def test_scores_travel_as_float32_values_in_a_config_record():
+    scores = np.array([0.1, -2.5, 1 / 3])
+    content = P.encode_scores("a", scores)
+    assert isinstance(content["out"], ConfigRecord)  # no ArrayRecord, Array or chunk objects to move
+    back = P.decode_scores(content, expected=3, limit=5.0)
+    assert back.dtype == np.float64 and np.array_equal(back, scores.astype(np.float32).astype(np.float64))
+    small = P.encode_score_request(request())
+    assert list(small.keys()) == ["cfg"] and isinstance(small["cfg"]["images"], bytes)  # 384 bytes inline
+    big = P.ScoreRequest(np.random.default_rng(0).integers(0, 256, (3, 400, 400, 3), dtype=np.uint8), ["q"] * 3,
+                         ["a", "b"], np.array([2, 0]), run_id="r", phase="grpo", purpose="t")
+    wire = P.encode_score_request(big)  # 1.4 MB: an Array, which Flower serialises faster
+    assert list(wire["data"].keys()) == ["images"] and "images" not in wire["cfg"]
+    back = P.decode_score_request(wire)
+    assert np.array_equal(back.images, big.images) and back.image_index.tolist() == [2, 0]
 
 
 def test_hello_checks_declared_bounds():
@@ -67,10 +95,12 @@ def test_hello_checks_declared_bounds():
        st.integers(0, 3), st.integers(0, 3))
 def test_fuzzed_requests_never_crash_unexpectedly(cfg, n_images, n_index):
     content = RecordDict({
-        "data": ArrayRecord({"images": Array(np.zeros((n_images, 4, 4, 3), np.uint8)),
-                             "image_index": Array(np.zeros(n_index, np.int64))}),
-        "cfg": ConfigRecord(cfg),
+        "data": ArrayRecord({"images": Array(np.zeros((n_images, 4, 4, 3), np.uint8))}),
+        "cfg": ConfigRecord({**cfg, "image_index": [0] * n_index} if n_index else cfg),
     })
+    if n_images % 2:  # the inline form
+        del content["data"]
+        content["cfg"]["images"], content["cfg"]["images_shape"] = bytes(n_images * 48), [n_images, 4, 4, 3]
     try:
         req = P.decode_score_request(content)
     except ProtocolError:
@@ -103,9 +133,10 @@ arrays = st.one_of(
                               data=Array(np.arange(n, dtype=np.int8)).data), st.integers(0, 5)),
 )
 config_values = st.one_of(st.text(max_size=5), st.integers(-5, 2**40), st.floats(), st.booleans(), st.binary(max_size=8),
-                          st.lists(st.floats(), max_size=3), st.lists(st.text(max_size=3), max_size=3))
+                          st.lists(st.floats(), max_size=3), st.lists(st.text(max_size=3), max_size=3),
+                          st.lists(st.integers(-2, 5), max_size=4), st.lists(st.integers(0, 4), min_size=4, max_size=4))
 KEYS = ["scores", "ciphertext", "aggregate", "client", "model_class", "clip_bound", "noise_std", "dp_sgd", "run_id",
-        "phase", "length", "x"]
+        "phase", "length", "images", "images_shape", "image_index", "x"]
 records = st.one_of(
     st.dictionaries(st.sampled_from(KEYS), arrays, max_size=3).map(ArrayRecord),
     st.dictionaries(st.sampled_from(KEYS), config_values, max_size=4).map(ConfigRecord),
