@@ -149,9 +149,10 @@ def test_transport_verdict_reads_the_best_deployment_side_and_explains_the_waits
     assert "| hop | with the service as executor |" in table  # the hosts run has no trace: one column
     assert "| 2. the SuperNode pulls the message's objects from the SuperLink and stores them | 0.400 |" in table
     assert "| whole round trip | 1.500 |" in table and "| round trips | 2 |" in table
-    assert ("of 1.50 s per round trip, the calls to and from the SuperLink (hops 1, 2, 6, 7, 8: Flower's HTTP "
-            "Fleet and ServerAppIo APIs, each object of a message one call) take 1.15 s, the calls between the "
-            "SuperNode and its executor (hops 3, 5) 0.10 s, and scoring 0.25 s") in table
+    assert ("of 1.50 s per round trip, the hops through the SuperLink (hops 1, 2, 6, 7, 8: Flower's HTTP Fleet and "
+            "ServerAppIo APIs, one call per object of a message, and the polls for them) take 1.15 s, the hops "
+            "between the SuperNode and its executor (hops 3, 5: its Runtime API and the executor's polls) 0.10 s, "
+            "and scoring 0.25 s") in table
 
 
 def test_device_estimate_uses_one_reward_round_trip_per_step(tmp_path):

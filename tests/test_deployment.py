@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -237,13 +236,16 @@ def test_hop_trace_splits_each_score_round_trip_of_the_executor_client(job, link
     """gamma's SuperNode and its service as executor noted each part of every reward round trip
     (with the ServerApp's push and pulls): one time line per round trip whose hops add up to it."""
     trace = link["root"] / "hops"
-    client = hops.read(trace / f"supernode_{EXECUTOR_CLIENT}.jsonl") + hops.read(trace / f"service_{EXECUTOR_CLIENT}.jsonl")
+    client = [*hops.read(trace / f"supernode_{EXECUTOR_CLIENT}.jsonl"),
+              *hops.read(trace / f"service_{EXECUTOR_CLIENT}.jsonl")]
     path = hops.critical_path(hops.read(trace / "server.jsonl"), [client], kind="query.score")
     assert path["round_trips"] >= load_config(CONFIG).grpo.steps, path
-    for trip in path["per_trip"]:
-        assert len(trip) == len(hops.HOPS) and min(trip) >= 0 and 0 < sum(trip) < RUN_TIMEOUT_S
-    assert path["total_s"] == pytest.approx(statistics.median(sum(t) for t in path["per_trip"]))  # hops add up
-    assert path["hops"][3]["median_s"] > 0  # the client scored in every round trip
+    assert 0 < path["total_s"] < RUN_TIMEOUT_S
+    # each of the client's events comes after the one before it on the path (the objects are stored
+    # after the message arrived, the executor reads them after that, ...): every hop but the server's
+    # poll wait (which may overlap the reply's push) took time in the typical round trip
+    medians = {h["event"]: h["median_s"] for h in path["hops"]}
+    assert all(v > 0 for e, v in medians.items() if e != hops.SERVER_PULL), medians
 
 
 @pytest.mark.parametrize("secret", [None, b"not the folder's secret"], ids=["no-secret", "wrong-secret"])

@@ -28,6 +28,14 @@ def test_score_request_roundtrip():
     (lambda c: c["cfg"].__setitem__("images_shape", [2, 8, 8, 4]), "not the 512 of shape"),
     (lambda c: c["cfg"].__setitem__("images_shape", [2, 8, 12, 2]), "must be uint8 of shape"),  # RGB only
     (lambda c: c["cfg"].__setitem__("images", "x"), "cfg.images must be bytes"),
+    # hostile shapes: a zero dimension with no bytes, values past int64, bools and negatives are refused
+    (lambda c: c["cfg"].update(images=b"", images_shape=[0, 2**40, 2**40, 3]), "cfg.images_shape"),
+    (lambda c: c["cfg"].update(images=b"", images_shape=[0, 2**63, 1, 3]), "cfg.images_shape"),
+    (lambda c: c["cfg"].__setitem__("images_shape", [2**63, 2**63, 2**63, 3]), "not the"),
+    (lambda c: c["cfg"].__setitem__("images_shape", [True, 8, 16, 3]), "cfg.images_shape"),
+    (lambda c: c["cfg"].__setitem__("images_shape", [-2, -8, 8, 3]), "cfg.images_shape"),
+    (lambda c: c["cfg"].__setitem__("image_index", [0, 2**63, 1]), "out of range"),
+    (lambda c: c["cfg"].__setitem__("image_index", [0, 2**64 - 1, 1]), "out of range"),
     (lambda c: c.__setitem__("data", ArrayRecord({"images": Array(np.zeros((2, 8, 8, 3), np.uint8))})), "both"),
     (lambda c: [c["cfg"].__delitem__("images"), c["cfg"].__delitem__("images_shape")], "data.images"),
     (lambda c: c["cfg"].__setitem__("image_index", [0, 5, 1]), "out of range"),
@@ -134,7 +142,8 @@ arrays = st.one_of(
 )
 config_values = st.one_of(st.text(max_size=5), st.integers(-5, 2**40), st.floats(), st.booleans(), st.binary(max_size=8),
                           st.lists(st.floats(), max_size=3), st.lists(st.text(max_size=3), max_size=3),
-                          st.lists(st.integers(-2, 5), max_size=4), st.lists(st.integers(0, 4), min_size=4, max_size=4))
+                          st.lists(st.integers(-2, 5), max_size=4), st.lists(st.integers(0, 4), min_size=4, max_size=4),
+                          st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=4))  # uint64 on the wire
 KEYS = ["scores", "ciphertext", "aggregate", "client", "model_class", "clip_bound", "noise_std", "dp_sgd", "run_id",
         "phase", "length", "images", "images_shape", "image_index", "x"]
 records = st.one_of(

@@ -120,6 +120,10 @@ def test_installed_flower_still_has_the_loop_this_replaces():
     assert "pull_objects(" in inspect.getsource(loop._pull_and_store_message)
     assert "pull_objects(" in inspect.getsource(http_grid.HttpGrid)
     assert inspect.signature(inflatable_utils.pull_objects).parameters["initial_backoff"].default == 1
+    for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        assert set(sn.PULL_RETRY) <= set(inspect.signature(fn).parameters), fn  # the executor's pull takes them too
+    # the hop trace wraps `receive`, which the loop passes by keyword
+    assert "receive=receive" in src
 
 
 def test_cli_needs_flower_arguments(capsys):
@@ -129,7 +133,7 @@ def test_cli_needs_flower_arguments(capsys):
     assert "--floor-s 4.0" in capsys.readouterr().err
 
 
-def test_short_pull_backoff_keeps_flowers_function_and_limits():
+def test_short_pull_backoff_keeps_flowers_function_with_shorter_waits():
     from flwr.supercore.inflatable import inflatable_utils
 
     module = types.SimpleNamespace(pull_objects=inflatable_utils.pull_objects)
@@ -182,7 +186,7 @@ def test_a_late_object_is_found_soon_after_it_arrives():
 
     assert module.pull_objects(["a"], pull_object_fn=pull) == {"a": b"content"}
     gaps = [b - a for a, b in zip(tries, tries[1:])]
-    assert len(tries) >= 8 and max(gaps) < 0.05 * 1.2 + 0.03, gaps  # +20% jitter, scheduling slack
+    assert len(tries) >= 6 and max(gaps) < 0.15, gaps  # 0.06 s with jitter, slack for a busy machine
 
 
 @pytest.mark.parametrize("flower_loop", ["known", "pull_changed", "loop_changed", "both_changed"])

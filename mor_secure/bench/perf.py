@@ -584,9 +584,9 @@ def _deployment_run(root: Path, names: list[str], kits, folders: list[Path], spe
         raise RuntimeError(f"the ServerApp ran on CPUs {result.get('server_cpus')}, not on the server's "
                            f"{server_cpus}: the clients' CPUs were not their own")
     result["client_cpus"] = client_cpus
-    result["hops"] = hops.critical_path(hops.read(trace_dir / "server.jsonl"),
-                                      [hops.read(trace_dir / f"supernode_{n}.jsonl") + hops.read(trace_dir / f"service_{n}.jsonl")
-                                       for n in names], kind="query.score")
+    clients = [hops.read(trace_dir / f"supernode_{n}.jsonl") + hops.read(trace_dir / f"service_{n}.jsonl")
+               for n in names]
+    result["hops"] = hops.critical_path(hops.read(trace_dir / "server.jsonl"), clients, kind="query.score")
     return result
 
 
@@ -1042,9 +1042,16 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
     return lines
 
 
-#: Rows of the per-hop table that are calls to or from the SuperLink, and the one that is scoring.
+#: Hops of the per-hop table through the SuperLink (its HTTP Fleet and ServerAppIo APIs and the polls for
+#: them), and between a SuperNode and its executor (the Runtime API and the executor's polls).
 _LINK_HOPS = ("supernode.received", "supernode.stored", "supernode.sent", "server.pull", "server.replies")
 _LOCAL_HOPS = ("executor.inputs", "executor.replied")
+
+
+def _hop_numbers(events) -> str:
+    from mor_secure.federation.hops import HOPS
+
+    return ", ".join(str([name for name, _ in HOPS].index(e) + 1) for e in events)
 
 
 def _hop_lines(b: dict) -> list[str]:
@@ -1073,10 +1080,11 @@ def _hop_lines(b: dict) -> list[str]:
             return median([sum(t[names.index(e)] for e in events) for t in trips])
         lines.append(
             f"- {_DEPLOYED[side][1][0].upper() + _DEPLOYED[side][1][1:]}: of {runs[side]['total_s']:.2f} s per "
-            f"round trip, the calls to and from the SuperLink (hops 1, 2, 6, 7, 8: Flower's HTTP Fleet and "
-            f"ServerAppIo APIs, each object of a message one call) take {part(_LINK_HOPS):.2f} s, the calls "
-            f"between the SuperNode and its executor (hops 3, 5) {part(_LOCAL_HOPS):.2f} s, and scoring "
-            f"{part(('executor.answered',)):.2f} s (medians of the sums).")
+            f"round trip, the hops through the SuperLink (hops {_hop_numbers(_LINK_HOPS)}: Flower's HTTP Fleet and "
+            f"ServerAppIo APIs, one call per object of a message, and the polls for them) take "
+            f"{part(_LINK_HOPS):.2f} s, the hops between the SuperNode and its executor (hops "
+            f"{_hop_numbers(_LOCAL_HOPS)}: its Runtime API and the executor's polls) {part(_LOCAL_HOPS):.2f} s, "
+            f"and scoring {part(('executor.answered',)):.2f} s (medians of the sums).")
     return lines
 
 

@@ -117,8 +117,9 @@ def _traced(fn: Callable, event: str, when: Callable[[object], bool]) -> Callabl
 def install(module, clock: AdaptiveClock) -> bool:
     """Put ``clock`` in place of ``module.time``; wrap ``module._pull_and_store_message`` and
     ``module._push_messages`` so that a pulled message, and the end of pushing its reply, mark the
-    clock (the node is busy, not idle, in between), and note both in the hop trace with the moment
-    the message itself arrived (``federation.hops``; nothing without ``MOR_SECURE_HOP_TRACE``). Returns False (and changes nothing) if a name is
+    clock (the node is busy, not idle, in between). Each also notes its moments in the hop trace
+    (``federation.hops``; nothing without ``MOR_SECURE_HOP_TRACE``): the message arrived, its
+    objects are stored, its reply is pushed. Returns False (and changes nothing) if a name is
     missing or is not what Flower 1.42 has there."""
     pull, push = getattr(module, "_pull_and_store_message", None), getattr(module, "_push_messages", None)
     if getattr(module, "time", None) is not _time or not callable(pull) or not callable(push):
@@ -135,9 +136,10 @@ def install(module, clock: AdaptiveClock) -> bool:
 
     def push_and_mark(*args, **kwargs):
         try:
-            return push(*args, **kwargs)
-        finally:
+            out = push(*args, **kwargs)
             hops.note("supernode.sent")
+            return out
+        finally:
             clock.mark_message()
 
     module._pull_and_store_message, module._push_messages = pull_and_mark, push_and_mark

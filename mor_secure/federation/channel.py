@@ -54,7 +54,8 @@ POLL_FRACTION = 0.125
 def _short_reply_pulls(grid) -> None:
     """A SuperLink's ``HttpGrid`` pulls each reply's objects with Flower's object pull, whose first
     retry of an object not yet pushed waits 1 s; a reply's objects follow the reply by
-    milliseconds. Make that retry wait 0.02 s (``deploy.supernode.short_pull_backoff``)."""
+    milliseconds. Make that retry wait 0.02 s, doubling up to 0.05 s, at most 6000 tries
+    (``deploy.supernode.short_pull_backoff``)."""
     from flwr.superlink.grid import http_grid
 
     from mor_secure.deploy.supernode import short_pull_backoff

@@ -12,6 +12,7 @@ line (:func:`critical_path`). Nothing a client releases is traced: names and tim
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -21,23 +22,37 @@ from statistics import median
 
 ENV = "MOR_SECURE_HOP_TRACE"
 
+log = logging.getLogger(__name__)
+
 _lock = threading.Lock()
 _file = None
 _path = None
+_failed: set[str] = set()  # trace paths that could not be written: not tried again
 
 
 def note(event: str, **detail) -> None:
-    """Append ``event`` (and ``detail``) with the current time to this process's trace, if it has one."""
+    """Append ``event`` (and ``detail``) with the current time to this process's trace, if it has one.
+
+    Never raises: the trace is a measurement, and the SuperNode, executor and server loops it is
+    called from must go on whatever happens to it. A path that cannot be written is reported once
+    on the log and not tried again."""
     global _file, _path
     path = os.environ.get(ENV)
-    if not path:
+    if not path or path in _failed:
         return
     t = time.time()
     with _lock:
-        if _file is None or _path != path:
-            _file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - one per process
-            _path = path
-        _file.write(json.dumps({"t": t, "event": event, **detail}) + "\n")
+        try:
+            if _file is None or _path != path:
+                if _file is not None:
+                    _file.close()
+                _file, _path = None, None
+                _file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - kept open, one per process
+                _path = path
+            _file.write(json.dumps({"t": t, "event": event, **detail}) + "\n")
+        except (OSError, TypeError, ValueError) as exc:
+            _failed.add(path)
+            log.warning("hop trace %s=%s cannot be written (%s); tracing is off in this process", ENV, path, exc)
 
 
 def read(path: Path | str) -> list[dict]:
@@ -78,7 +93,8 @@ def critical_path(server: Sequence[dict], clients: Iterable[Sequence[dict]], kin
 
     ``server``: the ServerApp's events; ``clients``: one event list per client (its SuperNode's
     and its executor's together); ``kind``: only round trips of that message type. A round trip
-    runs from a ``server.push`` to the next ``server.replies``; a client's events in that window
+    runs from a ``server.push`` to the ``server.replies`` before the next push of any kind (a
+    round trip that timed out has none and is left out); a client's events in that window
     are its part of it (one request per client at a time). The path follows the client whose
     reply reached the SuperLink last, then the server's last pull (the one that found the last
     reply). A hop that overlaps the one before counts only its time past it, so a round trip's
@@ -86,13 +102,15 @@ def critical_path(server: Sequence[dict], clients: Iterable[Sequence[dict]], kin
     hop and in all the median seconds over them (medians need not add up to the total's median),
     and each round trip's hops (``per_trip``, in ``HOPS`` order).
     """
+    every_push = sorted(e["t"] for e in server if e["event"] == SERVER_PUSH)
     pushes = [e["t"] for e in server if e["event"] == SERVER_PUSH and (kind is None or e.get("kind") == kind)]
     clients = [sorted(c, key=lambda e: e["t"]) for c in clients]
     pulls = sorted(e["t"] for e in server if e["event"] == SERVER_PULL)
     per_hop: dict[str, list[float]] = {name: [] for name, _ in HOPS}
     totals, trips = [], []
     for start in pushes:
-        end = _first(server, SERVER_DONE, start, float("inf"))
+        following = next((t for t in every_push if t > start), float("inf"))
+        end = _first(server, SERVER_DONE, start, following)
         if end is None:
             continue
         sent = [(_first(c, "supernode.sent", start, end), c) for c in clients]

@@ -68,8 +68,9 @@ def _runtime_client(address: str, interceptors: list):
 def pull_task_input(client):
     """The task's message and context: Flower's ``run_clientapp.pull_task_input`` with two changes.
     The FAB is not inflated (it is never run), and a message object not yet in the SuperNode's store
-    is pulled again after 0.02 s, not 1 s, and at most every 0.05 s, not 10 s (``PULL_RETRY``). The SuperNode hands out the task as soon as it has stored
-    the message, and its objects follow a moment later."""
+    is pulled again after 0.02 s, not 1 s, and at most every 0.05 s, not 10 s (``PULL_RETRY``).
+    The SuperNode hands out the task as soon as it has stored the message, and its objects follow
+    a moment later."""
     from flwr.common.serde import context_from_proto
     from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
     from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=no-name-in-module
