@@ -25,14 +25,17 @@ def test_score_request_roundtrip():
 
 @pytest.mark.parametrize("mutate,fragment", [
     (lambda c: c["cfg"].__setitem__("images_shape", [2, 8, 8]), "cfg.images_shape"),
-    (lambda c: c["cfg"].__setitem__("images_shape", [2, 8, 8, 4]), "not the 512 of shape"),
-    (lambda c: c["cfg"].__setitem__("images_shape", [2, 8, 12, 2]), "must be uint8 of shape"),  # RGB only
+    (lambda c: c["cfg"].__setitem__("images_shape", [2, 8, 16, 3]), "not the 768 of shape"),
+    (lambda c: c["cfg"].__setitem__("images_shape", [2, 8, 8, 4]), "the last 3"),
+    (lambda c: [c["cfg"].__delitem__("images"), c["cfg"].__delitem__("images_shape"),
+                c.__setitem__("data", ArrayRecord({"images": Array(np.zeros((2, 8, 8), np.uint8))}))],
+     "must be uint8 of shape"),  # the Array form: (M, H, W, 3) only
     (lambda c: c["cfg"].__setitem__("images", "x"), "cfg.images must be bytes"),
     # hostile shapes: a zero dimension with no bytes, values past int64, bools and negatives are refused
     (lambda c: c["cfg"].update(images=b"", images_shape=[0, 2**40, 2**40, 3]), "cfg.images_shape"),
     (lambda c: c["cfg"].update(images=b"", images_shape=[0, 2**63, 1, 3]), "cfg.images_shape"),
     (lambda c: c["cfg"].__setitem__("images_shape", [2**63, 2**63, 2**63, 3]), "not the"),
-    (lambda c: c["cfg"].__setitem__("images_shape", [True, 8, 16, 3]), "cfg.images_shape"),
+    (lambda c: c["cfg"].__setitem__("images_shape", [True, True, True, True]), "cfg.images_shape"),
     (lambda c: c["cfg"].__setitem__("images_shape", [-2, -8, 8, 3]), "cfg.images_shape"),
     (lambda c: c["cfg"].__setitem__("image_index", [0, 2**63, 1]), "out of range"),
     (lambda c: c["cfg"].__setitem__("image_index", [0, 2**64 - 1, 1]), "out of range"),
