@@ -33,10 +33,10 @@ of its own. Keeping the scores, the image index and small images in ConfigRecord
 SuperNode's pull of a request from 0.23 and 0.43 s (two runs) to 0.15 s (one run), and a whole
 reward round trip from 1.31 and 1.77 s to 1.25 s (medians of 12 round trips, the executor
 deployment on 2 shared CPUs; runs vary by some 0.4 s; ``bench perf`` (b) traces every run hop
-by hop). Large images stay an
-Array: Flower serialises bytes inside a ConfigRecord about 8x slower per byte (measured: 180 ms
-against 21 ms for 5.4 MB, 1.4 ms against 0.8 ms for 48 KB). At 1 MiB that is about 30 ms more
-per message, against three objects fewer, each one call on each hop.
+by hop). Large images stay an Array: Flower serialises bytes inside a ConfigRecord about 8x
+slower per byte (measured: 180 ms against 21 ms for 5.4 MB, 1.4 ms against 0.8 ms for 48 KB).
+At 1 MiB that is about 30 ms more per message, against three objects fewer, each one call on
+each hop.
 """
 
 from __future__ import annotations
