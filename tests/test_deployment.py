@@ -235,10 +235,7 @@ def test_scoring_service_answered_every_request_of_its_client(job, link, name):
 def test_hop_trace_splits_each_score_round_trip_of_the_executor_client(job, link):
     """gamma's SuperNode and its service as executor noted each part of every reward round trip
     (with the ServerApp's push and pulls): one time line per round trip whose hops add up to it."""
-    trace = link["root"] / "hops"
-    client = [*hops.read(trace / f"supernode_{EXECUTOR_CLIENT}.jsonl"),
-              *hops.read(trace / f"service_{EXECUTOR_CLIENT}.jsonl")]
-    path = hops.critical_path(hops.read(trace / "server.jsonl"), [client], kind="query.score")
+    path = hops.critical_path(*hops.read_deployment(link["root"] / "hops", [EXECUTOR_CLIENT]), kind="query.score")
     assert path["round_trips"] >= load_config(CONFIG).grpo.steps, path
     assert 0 < path["total_s"] < RUN_TIMEOUT_S
     # each of the client's events comes after the one before it on the path (the objects are stored

@@ -584,9 +584,7 @@ def _deployment_run(root: Path, names: list[str], kits, folders: list[Path], spe
         raise RuntimeError(f"the ServerApp ran on CPUs {result.get('server_cpus')}, not on the server's "
                            f"{server_cpus}: the clients' CPUs were not their own")
     result["client_cpus"] = client_cpus
-    clients = [hops.read(trace_dir / f"supernode_{n}.jsonl") + hops.read(trace_dir / f"service_{n}.jsonl")
-               for n in names]
-    result["hops"] = hops.critical_path(hops.read(trace_dir / "server.jsonl"), clients, kind="query.score")
+    result["hops"] = hops.critical_path(*hops.read_deployment(trace_dir, names), kind="query.score")
     return result
 
 
@@ -1049,9 +1047,7 @@ _LOCAL_HOPS = ("executor.inputs", "executor.replied")
 
 
 def _hop_numbers(events) -> str:
-    from mor_secure.federation.hops import HOPS
-
-    return ", ".join(str([name for name, _ in HOPS].index(e) + 1) for e in events)
+    return ", ".join(str([name for name, _ in hops.HOPS].index(e) + 1) for e in events)
 
 
 def _hop_lines(b: dict) -> list[str]:

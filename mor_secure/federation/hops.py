@@ -69,6 +69,15 @@ def read(path: Path | str) -> list[dict]:
     return out
 
 
+def read_deployment(trace_dir: Path | str, clients: Sequence[str]) -> tuple[list[dict], list[list[dict]]]:
+    """The ServerApp's events and each client's (its SuperNode's and its service's together) from a
+    deployment's trace folder: ``server.jsonl``, ``supernode_NAME.jsonl``, ``service_NAME.jsonl``,
+    the names ``bench perf`` and the deployment test give each process's ``MOR_SECURE_HOP_TRACE``."""
+    trace_dir = Path(trace_dir)
+    per_client = [read(trace_dir / f"supernode_{n}.jsonl") + read(trace_dir / f"service_{n}.jsonl") for n in clients]
+    return read(trace_dir / "server.jsonl"), per_client
+
+
 SERVER_PUSH, SERVER_PUSHED, SERVER_PULL, SERVER_DONE = "server.push", "server.pushed", "server.pull", "server.replies"
 #: The critical path of a reward round trip: (event that ends the hop, what happens in it). The
 #: client events are those of the client whose reply reached the SuperLink last.
