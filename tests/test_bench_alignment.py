@@ -312,13 +312,13 @@ def test_committed_results_still_describe_the_configs():
 
 
 def test_heldout_reading_names_the_client_reward_that_knows_the_family_best():
-    """On the committed shapes-heldout rows: the reading line for the held-out family gives every
-    reward's ranking there and the router's weight on the client whose reward ranks it best."""
+    """On the committed shapes-heldout rows (400 GRPO steps): the reading line for the held-out family
+    gives every reward's ranking there and the router's weight on the client whose reward ranks it best."""
     from pathlib import Path
 
     from mor_secure.bench.alignment import reading, router_weights
 
-    entry = json.loads((Path(__file__).parents[1] / "benchmarks" / "alignment_results.json").read_text())[
+    entry = json.loads((Path(__file__).parents[1] / "benchmarks" / "alignment_results_400steps.json").read_text())[
         "tracks"]["shapes-heldout"]
     ranks = {}
     for rows in entry["seeds"].values():
@@ -433,3 +433,28 @@ def test_results_of_processes_run_side_by_side_are_merged(tmp_path, capsys):
     assert main(argv + ["--merge", str(tmp_path / "missing.json")]) == 2
     assert "no such results file" in capsys.readouterr().err
     assert json.loads(first.read_text())["tracks"]["shapes"] == track
+
+
+def test_commands_of_rows_run_at_another_budget_name_it_so_they_reproduce():
+    """A row run when its config set another GRPO budget: the page's command gets ``--grpo-steps`` of
+    the row, since the bare command now runs the config's new budget; a command that names the
+    budget, or a row at the config's budget, is shown as stored."""
+    from mor_secure.bench.alignment import load_track, reproducible_commands, render
+
+    now = load_track("shapes").cfg.grpo.steps
+    cmds = ["mor-secure bench alignment --tracks shapes", "mor-secure bench alignment --grpo-steps 5 --tracks shapes",
+            "mor-secure bench alignment --set grpo.steps=7", "mor-secure bench alignment --grpo-steps=9"]
+    entry = {"config": "configs/demo.yaml", "commands": cmds, "settings": {"grpo_steps": now + 1}}
+    assert reproducible_commands("shapes", entry) == [f"{cmds[0]} --grpo-steps {now + 1}", *cmds[1:]]
+    entry["settings"]["grpo_steps"] = now
+    assert reproducible_commands("shapes", entry) == cmds
+    quick = load_track("shapes", quick=True).cfg.grpo.steps
+    assert reproducible_commands("shapes", {**entry, "settings": {"grpo_steps": quick, "quick": True}}) == cmds
+    # the page says so once, and only when a command was changed
+    results = {"tracks": {"shapes": {**entry, "seeds": {}, "clients": {}, "families": [], "ref_epsilon": 8.0,
+                                     "settings": {"grpo_steps": now + 1, "prompts_per_step": 1, "num_generations": 2}}}}
+    page = render(results, full_command="x", date="d", machine="m", plots={})
+    assert f"`{cmds[0]} --grpo-steps {now + 1}`" in page and "`--grpo-steps` is added" in page
+    results["tracks"]["shapes"]["settings"]["grpo_steps"] = now
+    page = render(results, full_command="x", date="d", machine="m", plots={})
+    assert f"`{cmds[0]}`" in page and "`--grpo-steps` is added" not in page

@@ -1269,6 +1269,27 @@ def _setting(entry: dict, key: str):
     return entry["settings"].get(key, SETTING_DEFAULTS.get(key))
 
 
+def reproducible_commands(name: str, entry: dict) -> list[str]:
+    """The track's stored commands, each with ``--grpo-steps`` added when it names none and its rows ran
+    at another GRPO budget than the track's config now sets (a command run before the config changed)."""
+    commands = entry.get("commands", [])
+    settings = entry.get("settings", {})
+    steps = settings.get("grpo_steps")
+    if steps is None or "config" not in entry:
+        return list(commands)
+    try:
+        now = load_track(name, entry["config"], quick=bool(settings.get("quick"))).cfg.grpo.steps
+    except ConfigError:
+        return list(commands)
+    if steps == now:
+        return list(commands)
+    def names_budget(command: str) -> bool:
+        return "grpo.steps=" in command or any(w == "--grpo-steps" or w.startswith("--grpo-steps=")
+                                               for w in command.split())
+
+    return [c if names_budget(c) else f"{c} --grpo-steps {steps}" for c in commands]
+
+
 def _per_seed_at_config_size(name: str, entry: dict) -> float | None:
     """Wall seconds one seed of this track takes at its config's sizes: measured when this run used
     them and every method ran, scaled by :func:`full_size_estimate` otherwise."""
@@ -1586,9 +1607,9 @@ def _reused_work(entry: dict) -> str:
 def other_budget_files(results_path: Path) -> list[tuple[Path, Path | None]]:
     """Results files of other GRPO step budgets or schedules beside ``results_path``: those whose name
     extends its name with ``_`` and a budget (``alignment_results.json`` lists
-    ``alignment_results_800steps.json`` and ``alignment_results_800steps_k4.json``; the 800-step file
-    lists only the latter, which lists none), each with its page (``alignment_800steps.md``) when that
-    exists."""
+    ``alignment_results_400steps.json`` and ``alignment_results_800steps_k4.json``; a file
+    ``alignment_results_800steps.json`` would list only the latter, which lists none), each with its
+    page (``alignment_400steps.md``) when that exists."""
     results_path = Path(results_path)
     found = []
     for path in sorted(results_path.parent.glob(f"{results_path.stem}_*.json")):
@@ -1694,7 +1715,10 @@ def render(results: dict, *, full_command: str, date: str, machine: str, plots: 
                                            if wall_s else "") + " (each row's own date and time are in the results JSON).",
         "",
         "Commands that produced these rows: " + ", ".join(
-            f"`{c}`" for c in dict.fromkeys(c for e in tracks.values() for c in e.get("commands", []))) + ".",
+            f"`{c}`" for c in dict.fromkeys(c for n, e in tracks.items() for c in reproducible_commands(n, e))) + "."
+        + (" A command ran at its config's GRPO budget of the time where it names none; `--grpo-steps` is added "
+           "where that budget has since changed, so each command reproduces its rows."
+           if any(reproducible_commands(n, e) != e.get("commands", []) for n, e in tracks.items()) else ""),
         "",
         f"Full benchmark (every track, 3 seeds, every method): `{full_command}`",
     ]
