@@ -435,7 +435,7 @@ def test_results_of_processes_run_side_by_side_are_merged(tmp_path, capsys):
     assert json.loads(first.read_text())["tracks"]["shapes"] == track
 
 
-def test_commands_of_rows_run_at_another_budget_name_it_so_they_reproduce():
+def test_commands_of_rows_run_at_another_budget_name_it_so_they_reproduce(tmp_path, monkeypatch):
     """A row run when its config set another GRPO budget: the page's command gets ``--grpo-steps`` of
     the row, since the bare command now runs the config's new budget; a command that names the
     budget, or a row at the config's budget, is shown as stored."""
@@ -455,6 +455,38 @@ def test_commands_of_rows_run_at_another_budget_name_it_so_they_reproduce():
                                      "settings": {"grpo_steps": now + 1, "prompts_per_step": 1, "num_generations": 2}}}}
     page = render(results, full_command="x", date="d", machine="m", plots={})
     assert f"`{cmds[0]} --grpo-steps {now + 1}`" in page and "`--grpo-steps` is added" in page
+    assert f"Full benchmark (every track, 3 seeds, every method): `x --grpo-steps {now + 1}`" in page
+    full = render(results, full_command="mor-secure bench alignment", date="d", machine="m", plots={},
+                  where=" --results r.json --out p.md --plots q")
+    # a page of its own: every command names its files, and the full benchmark is at the rows' budget too
+    assert f"`{cmds[0]} --grpo-steps {now + 1} --results r.json --out p.md --plots q`" in full
+    assert f"`mor-secure bench alignment --grpo-steps {now + 1} --results r.json --out p.md --plots q`" in full
+    assert "a rerun adds to them" in full
+    # a setting every command overrode is the page's: the full command names it (one some omit is not)
+    sets = ["mor-secure bench alignment --set grpo.steps_per_generation=4 --set router.lr=0.1",
+            "mor-secure bench alignment --tracks digits --set grpo.steps_per_generation=4"]
+    page = render({"tracks": {"shapes": {**results["tracks"]["shapes"], "commands": sets}}},
+                  full_command="mor-secure bench alignment", date="d", machine="m", plots={})
+    assert f"`mor-secure bench alignment --grpo-steps {now + 1} --set grpo.steps_per_generation=4`" in page
     results["tracks"]["shapes"]["settings"]["grpo_steps"] = now
     page = render(results, full_command="x", date="d", machine="m", plots={})
-    assert f"`{cmds[0]}`" in page and "`--grpo-steps` is added" not in page
+    assert f"`{cmds[0]}`" in page and "`--grpo-steps` is added" not in page and "a rerun adds" not in page
+    # read from another directory, the stored relative config path still resolves
+    monkeypatch.chdir(tmp_path)
+    assert reproducible_commands("shapes", {**entry, "settings": {"grpo_steps": now + 1}})[0].endswith(
+        f"--grpo-steps {now + 1}")
+
+
+def test_committed_400_step_results_resume_with_their_budget():
+    """The 400-step page's commands carry ``--grpo-steps 400``: under that flag today's configs give the
+    fingerprint its rows were stored with, so those commands continue its results (not measure again)."""
+    from pathlib import Path
+
+    from mor_secure.bench.alignment import Options, load_track
+
+    stored = json.loads((Path(__file__).parents[1] / "benchmarks" / "alignment_results_400steps.json").read_text())
+    extra = {"fedavg_rounds": Options().fedavg_rounds, "quick": False}
+    for name in ("shapes", "digits", "shapes-heldout"):
+        steps = stored["tracks"][name]["settings"]["grpo_steps"]
+        assert steps == 400
+        assert stored["tracks"][name]["fingerprint"] == load_track(name, grpo_steps=steps).fingerprint(extra), name

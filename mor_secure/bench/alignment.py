@@ -1277,8 +1277,11 @@ def reproducible_commands(name: str, entry: dict) -> list[str]:
     steps = settings.get("grpo_steps")
     if steps is None or "config" not in entry:
         return list(commands)
+    config = Path(entry["config"])
+    if not config.is_file():  # a relative path stored from the repository's root, read from elsewhere
+        config = Path(__file__).resolve().parents[2] / entry["config"]
     try:
-        now = load_track(name, entry["config"], quick=bool(settings.get("quick"))).cfg.grpo.steps
+        now = load_track(name, str(config), quick=bool(settings.get("quick"))).cfg.grpo.steps
     except ConfigError:
         return list(commands)
     if steps == now:
@@ -1690,10 +1693,27 @@ def budget_comparison(name: str, entry: dict, others: Sequence[tuple[str, dict]]
 
 
 def render(results: dict, *, full_command: str, date: str, machine: str, plots: dict[str, str],
-           wall_s: float | None = None, note: str = "", others: Sequence[tuple[str, dict]] = ()) -> str:
+           wall_s: float | None = None, note: str = "", others: Sequence[tuple[str, dict]] = (),
+           where: str = "") -> str:
     """The BENCHMARKS.md section body; ``others``: (link, results) of other GRPO step budgets, compared
-    per track (:func:`budget_comparison`)."""
+    per track (:func:`budget_comparison`); ``where``: the ``--results``/``--out``/``--plots`` arguments
+    of a page other than BENCHMARKS.md, added to every command that names no results file, so that
+    rerunning a listed command adds to this page's results rather than to the main ones."""
     tracks = results["tracks"]
+
+    def on_page(command: str) -> str:
+        return command if "--results" in command.split() else command + where
+
+    commands = {n: reproducible_commands(n, e) for n, e in tracks.items()}
+    changed = any(commands[n] != e.get("commands", []) for n, e in tracks.items())
+    fulls = {reproducible_commands(n, {**e, "commands": [full_command]})[0] for n, e in tracks.items()}
+    full = fulls.pop() if len(fulls) == 1 else full_command
+    # a setting every row's command overrode (e.g. 4 GRPO steps per round trip) is the page's: the full run needs it
+    stored = [c.split() for n in tracks for c in commands[n]]
+    sets = [{w[i + 1] for i in range(len(w) - 1) if w[i] == "--set"} for w in stored]
+    for item in sorted(set.intersection(*sets) if sets else set()):
+        full += f" --set {item}"
+    full = on_page(full)
     lines = [
         "What it measures (`mor_secure/bench/alignment.py`): on each track, every method aligns the same base "
         "policy (tiny LLaVA, perception pre-training on unlabelled public images, then the format warm-up) with "
@@ -1715,12 +1735,13 @@ def render(results: dict, *, full_command: str, date: str, machine: str, plots: 
                                            if wall_s else "") + " (each row's own date and time are in the results JSON).",
         "",
         "Commands that produced these rows: " + ", ".join(
-            f"`{c}`" for c in dict.fromkeys(c for n, e in tracks.items() for c in reproducible_commands(n, e))) + "."
+            f"`{on_page(c)}`" for c in dict.fromkeys(c for n in tracks for c in commands[n])) + "."
         + (" A command ran at its config's GRPO budget of the time where it names none; `--grpo-steps` is added "
-           "where that budget has since changed, so each command reproduces its rows."
-           if any(reproducible_commands(n, e) != e.get("commands", []) for n, e in tracks.items()) else ""),
+           "where that budget has since changed, so each command reproduces its rows." if changed else "")
+        + (" Each names this page's results, page and plots, so a rerun adds to them, not to BENCHMARKS.md's."
+           if where else ""),
         "",
-        f"Full benchmark (every track, 3 seeds, every method): `{full_command}`",
+        f"Full benchmark (every track, 3 seeds, every method): `{full}`",
     ]
     if note:
         lines += ["", note]
@@ -2007,7 +2028,11 @@ def write_report(results: dict, out: Path | str, plots_dir: Path | str, *, full_
     base = out.parent.resolve() if out.parent.exists() else out.parent
     others = [(os.path.relpath((page or path).resolve(), base), load_results(path))
               for path, page in (other_budget_files(Path(results_path)) if results_path else [])]
+    where = ""
+    if results_path is not None and out.name != "BENCHMARKS.md":  # a page of its own: commands name its files
+        where = "".join(f" --{flag} {os.path.relpath(Path(p).resolve())}"
+                        for flag, p in (("results", results_path), ("out", out), ("plots", plots_dir)))
     body = render(results, full_command=full_command, date=date, machine=machine(), plots=links,
-                  wall_s=wall_s, note=note, others=others)
+                  wall_s=wall_s, note=note, others=others, where=where)
     update_section(out, SECTION, TITLE, body)
     return body
