@@ -1704,9 +1704,12 @@ def render(results: dict, *, full_command: str, date: str, machine: str, plots: 
     def on_page(command: str) -> str:
         return command if "--results" in command.split() else command + where
 
-    commands = {n: reproducible_commands(n, e) for n, e in tracks.items()}
+    # one config read per track: the full command is appended to the track's stored ones, then split off
+    flagged = {n: reproducible_commands(n, {**e, "commands": [*e.get("commands", []), full_command]})
+               for n, e in tracks.items()}
+    commands = {n: c[:-1] for n, c in flagged.items()}
     changed = any(commands[n] != e.get("commands", []) for n, e in tracks.items())
-    fulls = {reproducible_commands(n, {**e, "commands": [full_command]})[0] for n, e in tracks.items()}
+    fulls = {c[-1] for c in flagged.values()}
     full = fulls.pop() if len(fulls) == 1 else full_command
     # a setting every row's command overrode (e.g. 4 GRPO steps per round trip) is the page's: the full run needs it
     stored = [c.split() for n in tracks for c in commands[n]]
