@@ -8,8 +8,13 @@
     noise, optimizer), the first step left out, in wall-clock time and in the training thread's CPU
     time (torch on one thread; on a shared machine CPU time is what a dedicated core would take). Each run trains on one batch of pairs for one epoch
     per step (so DP-SGD's sampling rate is 1 and both sides see batches of the same size); the DP
-    noise calibration, identical for every run and done before the first step, is computed once. Non-private and each mode alternate, ``repeats`` times; a mode
-    Opacus or our training loop rejects is tried once and reported with its error.
+    noise calibration, identical for every run and done before the first step, is computed once. In
+    each of ``repeats`` repeats the non-private run and one run per mode take turns step by step
+    (``bench.timing.train_interleaved``: step k of each, then step k + 1), so every DP step is paired
+    with the non-private step of its turn, taken a moment before or after it; the ratio is the median
+    of these paired ratios (a shared host's speed drifts by tens of percent within a minute, which
+    unpaired medians of separate runs carried into the ratio). A mode Opacus or our training loop
+    rejects is tried once and reported with its error.
 
 (b) **GRPO step time with rewards fetched through Flower over TLS** (Flower's deployment runtime on
     loopback: a TLS SuperLink with SuperNode authentication, one SuperNode per client with its own
@@ -55,7 +60,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mor_secure.bench.calibration import dpsgd_plans_once
-from mor_secure.bench.timing import TimedReward, client_rm, median, ratios, train_once, try_mode
+from mor_secure.bench.timing import TimedReward, client_rm, median, ratios, train_interleaved, try_mode
 from mor_secure.config import GrpoSection, RunConfig, parse_config
 from mor_secure.errors import ConfigError
 from mor_secure.federation import hops
@@ -252,22 +257,21 @@ def bench_dpsgd(families: Sequence[str] = FAMILIES, modes: Sequence[str] = GRAD_
                     base = TrainSettings(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer,
                                          dp=False, target_epsilon=p.epsilon, delta=p.delta,
                                          max_grad_norm=p.max_grad_norm, seed=node.setup.seed + rep)
-                    # alternate the order too: non-private first on even repeats, last on odd ones
+                    # the runs take turns step by step; the order alternates too: non-private first on even
+                    # repeats, last on odd ones
                     order = [("none", False, "hooks"), *[(m, True, m) for m in working]]
                     if rep % 2:
                         order.reverse()
-                    for name, dp, mode in order:
-                        if name != "none" and name not in working:
-                            bar.update(1)
-                            continue
-                        bar.set_postfix_str(f"{fam} {name}")
-                        row = try_mode(name, functools.partial(train_once, functools.partial(client_rm, node), data[fam],
-                                                               dp=dp, mode=mode, settings_base=base),
-                                       working=working, families=families, runs=runs, failed=out["failed_modes"])
+                    bar.set_postfix_str(f"{fam}: {', '.join(name for name, _, _ in order)}")
+                    build = functools.partial(client_rm, node)
+                    got = train_interleaved({name: (build, dp, mode) for name, dp, mode in order}, data[fam],
+                                            settings_base=base)
+                    for name, _, _ in order:
+                        row = try_mode(name, functools.partial(_row_or_raise, got[name]), working=working,
+                                       families=families, runs=runs, failed=out["failed_modes"])
                         if row is not None:
                             runs[fam].setdefault(name, []).append(row)
-                        bar.update(1)
-            bar.update(total - bar.n)  # the runs of modes that failed
+                    bar.update(1 + len(modes))
     for fam in families:
         none = runs[fam]["none"]
         row = {"none_s": median([r["step_s"] for r in none]), "none_cpu_s": median([r["step_cpu_s"] for r in none]),
@@ -275,12 +279,16 @@ def bench_dpsgd(families: Sequence[str] = FAMILIES, modes: Sequence[str] = GRAD_
                "none_rest_cpu_s": median([r["rest_cpu_s"] for r in none]), "modes": {}, **shapes[fam]}
         for mode in working:
             rs = runs[fam].get(mode, [])
+            # each DP step over the non-private step of the same turn (the runs took turns step by step)
+            paired = [[d / b for d, b in zip(r["intervals"], n["intervals"])] for r, n in zip(rs, none)]
+            paired_cpu = [[d / b for d, b in zip(r["cpu_intervals"], n["cpu_intervals"])] for r, n in zip(rs, none)]
             m = {"step_s": median([r["step_s"] for r in rs]), "step_cpu_s": median([r["step_cpu_s"] for r in rs]),
-                 "ratio_by_repeat": [r["step_s"] / n["step_s"] for r, n in zip(rs, none)],
-                 "ratio_cpu_by_repeat": [r["step_cpu_s"] / n["step_cpu_s"] for r, n in zip(rs, none)],
+                 "ratio_by_repeat": [median(x) for x in paired], "ratio_cpu_by_repeat": [median(x) for x in paired_cpu],
+                 "ratio": median([x for rep in paired for x in rep]),
+                 "ratio_cpu": median([x for rep in paired_cpu for x in rep]),
+                 "ratio_of_medians_cpu": median([r["step_cpu_s"] for r in rs]) / row["none_cpu_s"],
                  "forward_cpu_s": median([r["forward_cpu_s"] for r in rs]),
                  "rest_cpu_s": median([r["rest_cpu_s"] for r in rs])}
-            m["ratio"], m["ratio_cpu"] = m["step_s"] / row["none_s"], m["step_cpu_s"] / row["none_cpu_s"]
             row["modes"][mode] = m
         if row["modes"]:
             best = min(row["modes"], key=lambda m: row["modes"][m]["ratio_cpu"])
@@ -288,7 +296,23 @@ def bench_dpsgd(families: Sequence[str] = FAMILIES, modes: Sequence[str] = GRAD_
             row["best_ratio_wall"] = row["modes"][best]["ratio"]
         out["families"][fam] = row
     out["working_modes"] = working
+    out["pairing"] = "steps"  # ratios pair each DP step with the non-private step of its turn
     return out
+
+
+_PAIRED_STEPS = ("In each of {repeats} repeats the non-private run and one run per mode take turns step by step "
+                 "(step k of each, then step k + 1; the order reverses on every other repeat), each {steps} steps, "
+                 "the first and the last left out; only the run whose turn it is computes. Each DP step is divided "
+                 "by the non-private step of its turn, taken a moment before or after it, so a drift in the "
+                 "machine's speed (tens of percent within a minute on a shared host) slows both alike; the ratio "
+                 "is the median of these paired ratios over all repeats, the figures in parentheses each repeat's "
+                 "median, the step times the median over repeats of each run's median step. ")
+
+
+def _row_or_raise(got: dict | BaseException) -> dict:
+    if isinstance(got, BaseException):
+        raise got
+    return got
 
 
 # -- (b) GRPO step: rewards through Flower vs in-process -------------------------------------------
@@ -1118,8 +1142,11 @@ def render(result: dict, command: str, date: str, machine_line: str | None = Non
               f"`ClientNode.train` builds it: frozen vision tower, LoRA r={a['lora_r']} on the language model, "
               f"projector, scalar head), batch {a['batch_size']} (one batch of pairs, one step per epoch: DP-SGD's "
               f"sampling rate is 1, so both sides see the same batch size; the demo trains at 256 with rate "
-              f"256/3000), SGD. Per run {a['steps_per_run']} steps, the first left out; the median step of each "
-              f"run, then the median over {a['repeats']} repeats; non-private and DP runs alternate. Each step is "
+              f"256/3000), SGD. " + (_PAIRED_STEPS.format(steps=a['steps_per_run'], repeats=a['repeats'])
+                                     if a.get("pairing") == "steps" else
+                                     f"Per run {a['steps_per_run']} steps, the first left out; the median step of each "
+                                     f"run, then the median over {a['repeats']} repeats; non-private and DP runs alternate. ")
+              + f"Each step is "
               f"timed twice: the CPU time of the training thread (torch runs on one thread, so the step's whole "
               f"computation is in it) and the wall clock. On a shared machine the wall clock also counts the "
               f"time spent waiting for a CPU, so **the target is judged on CPU time**, what the step costs on a "
@@ -1137,6 +1164,11 @@ def render(result: dict, command: str, date: str, machine_line: str | None = Non
         lines.append(f"| {fam} | {row['trainable_params']:,} | {row['tokens']} | {row['none_cpu_s']:.3f} "
                      f"({row['none_s']:.3f}) | " + " | ".join(cells) + f" | {best_cell} |")
     lines.append("")
+    if a.get("pairing") == "steps":
+        lines += ["Unpaired, the ratio of the median DP step to the median non-private step (CPU): "
+                  + "; ".join(f"{fam} " + ", ".join(f"{m} {row['modes'][m]['ratio_of_medians_cpu']:.2f}x"
+                                                    for m in a["working_modes"])
+                              for fam, row in a["families"].items()) + ".", ""]
     if a["failed_modes"]:
         lines.append("Modes that do not run with these reward models:")
         lines.append("")

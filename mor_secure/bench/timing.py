@@ -7,6 +7,7 @@ runs where only the model stack is installed.
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,48 +49,122 @@ def try_mode(name: str, attempt: Callable[[], dict], *, working: list[str], fami
         return None
 
 
-def train_once(build_rm: Callable[[], object], pairs: list[dict], *, dp: bool, mode: str, settings_base,
-                sync: Callable[[], None] | None = None) -> dict:
-    """One real ``train_reward_model`` run on ``build_rm()``; per-step times from a forward pre-hook
-    on the RM. ``sync`` (an accelerator's synchronize) runs before each time is read, so a step's
-    queued GPU work is counted in that step."""
+class _Turns:
+    """Threads that take turns in a fixed order: one holds the turn at a time, the others wait."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.order = list(names)
+        self.current = self.order[0]
+        self.cv = threading.Condition()
+
+    def wait(self, name: str) -> None:
+        with self.cv:
+            self.cv.wait_for(lambda: self.current == name)
+
+    def _pass_on(self, name: str) -> None:  # the caller holds the lock and the turn
+        k = self.order.index(name)
+        self.current = self.order[(k + 1) % len(self.order)]
+        self.cv.notify_all()
+
+    def done(self, name: str) -> None:
+        """``name``'s turn ends; the next in order takes it."""
+        with self.cv:
+            self._pass_on(name)
+
+    def leave(self, name: str) -> None:
+        """``name`` (holding the turn) leaves the rotation; the next in order takes the turn."""
+        with self.cv:
+            if len(self.order) > 1:
+                self._pass_on(name)
+            self.order.remove(name)
+
+
+def train_interleaved(runs: dict[str, tuple[Callable[[], object], bool, str]], pairs: list[dict], *,
+                      settings_base, sync: Callable[[], None] | None = None) -> dict[str, dict | BaseException]:
+    """Real ``train_reward_model`` runs, one per entry ``name: (build_rm, dp, grad_sample_mode)``, that
+    take turns step by step in the order given: step k of every run, then step k + 1 of every run.
+
+    Each run is its own thread and only the thread holding the turn computes (the others wait on a
+    condition, using no CPU), so each step is timed alone, in wall-clock and in its thread's CPU time,
+    while the steps it is compared with run just before and after it: a machine whose speed drifts
+    (a shared host) slows both sides of a comparison alike. A run holds the turn from its start
+    (building the RM, encoding, Opacus' setup) to the start of its second step, then for one step at a
+    time, and from its last step to its end. A step is timed from its first forward pass to the next
+    step's, per-step times from hooks on the RM; the first step (caches) and the last (no next step
+    marks its end) are left out. ``sync`` (an accelerator's synchronize) runs before each time is read.
+    Returns, per name, the timings or the exception that ended the run."""
     from dataclasses import replace
 
     from mor_secure.rewards.train import train_reward_model
 
-    rm = build_rm()
-    forwards: list[tuple[float, float]] = []
-    forward_cpu: list[float] = []  # CPU time of each forward pass
-    forward_wall: list[float] = []  # wall time of each forward pass
     sync = sync or (lambda: None)
+    turns = _Turns(list(runs))
+    out: dict[str, dict | BaseException] = {}
 
-    def pre(_m, _a):
-        sync()
-        forwards.append((time.perf_counter(), time.thread_time()))
+    def one(name: str, build_rm: Callable[[], object], dp: bool, mode: str) -> None:
+        starts: list[tuple[float, float]] = []  # each step's start (wall, thread CPU), once it holds the turn
+        ends: list[tuple[float, float]] = []  # each step's end but the last: the next step's first forward
+        forward_cpu: list[float] = []  # CPU time of each forward pass
+        forward_wall: list[float] = []
+        passes = [0]
+        t0: list[tuple[float, float]] = []
 
-    def post(_m, _a, _o):
-        sync()
-        forward_cpu.append(time.thread_time() - forwards[-1][1])
-        forward_wall.append(time.perf_counter() - forwards[-1][0])
+        def pre(_m, _a):
+            sync()
+            if passes[0] % 2 == 0:  # a step's first forward pass (two per step: chosen, rejected)
+                if starts:  # the previous step ends here; the other runs take their step
+                    ends.append((time.perf_counter(), time.thread_time()))
+                    turns.done(name)
+                    turns.wait(name)
+                starts.append((time.perf_counter(), time.thread_time()))
+            passes[0] += 1
+            t0.append((time.perf_counter(), time.thread_time()))
 
-    rm.register_forward_pre_hook(pre)
-    rm.register_forward_hook(post)
-    settings = replace(settings_base, dp=dp, grad_sample_mode=mode)
-    result = train_reward_model(rm, pairs, settings, authorize=lambda _event: None, progress=False)
-    starts = np.asarray(forwards[::2])  # two forward passes per step: chosen, rejected
-    if len(forwards) != 2 * result.steps:
-        raise RuntimeError(f"{len(forwards)} forward passes for {result.steps} steps (an empty Poisson batch?)")
-    wall, cpu = np.diff(starts[:, 0])[1:], np.diff(starts[:, 1])[1:]  # the first step (caches) is left out
-    fwd = (np.asarray(forward_cpu[0::2]) + np.asarray(forward_cpu[1::2]))[1:-1]  # both passes, steps timed
-    fwd_wall = (np.asarray(forward_wall[0::2]) + np.asarray(forward_wall[1::2]))[1:-1]
-    return {"step_s": median(wall.tolist()), "step_cpu_s": median(cpu.tolist()), "intervals": wall.tolist(),
-            "forward_cpu_s": median(fwd.tolist()), "rest_cpu_s": median((cpu - fwd).tolist()),
-            "forward_s": median(fwd_wall.tolist()), "rest_s": median((wall - fwd_wall).tolist()),
-            "cpu_intervals": cpu.tolist(), "steps": result.steps,
-            "loss_last": result.losses[-1] if result.losses else float("nan")}
+        def post(_m, _a, _o):
+            sync()
+            forward_cpu.append(time.thread_time() - t0[-1][1])
+            forward_wall.append(time.perf_counter() - t0[-1][0])
+
+        turns.wait(name)
+        try:
+            rm = build_rm()
+            rm.register_forward_pre_hook(pre)
+            rm.register_forward_hook(post)
+            settings = replace(settings_base, dp=dp, grad_sample_mode=mode)
+            result = train_reward_model(rm, pairs, settings, authorize=lambda _event: None, progress=False)
+            if passes[0] != 2 * result.steps:
+                raise RuntimeError(f"{passes[0]} forward passes for {result.steps} steps (an empty Poisson batch?)")
+            s, e = np.asarray(starts[1:len(ends)]), np.asarray(ends[1:])  # the first step left out
+            wall, cpu = e[:, 0] - s[:, 0], e[:, 1] - s[:, 1]
+            fwd = (np.asarray(forward_cpu[0::2]) + np.asarray(forward_cpu[1::2]))[1:len(ends)]
+            fwd_wall = (np.asarray(forward_wall[0::2]) + np.asarray(forward_wall[1::2]))[1:len(ends)]
+            out[name] = {"step_s": median(wall.tolist()), "step_cpu_s": median(cpu.tolist()), "intervals": wall.tolist(),
+                         "forward_cpu_s": median(fwd.tolist()), "rest_cpu_s": median((cpu - fwd).tolist()),
+                         "forward_s": median(fwd_wall.tolist()), "rest_s": median((wall - fwd_wall).tolist()),
+                         "cpu_intervals": cpu.tolist(), "steps": result.steps,
+                         "loss_last": result.losses[-1] if result.losses else float("nan")}
+        except BaseException as exc:  # noqa: BLE001 - the caller decides (a DP mode that fails is a result)
+            out[name] = exc
+        finally:
+            turns.leave(name)
+
+    threads = [threading.Thread(target=one, args=(name, *spec), name=f"rm-{name}", daemon=True)
+               for name, spec in runs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
 
 
-
+def train_once(build_rm: Callable[[], object], pairs: list[dict], *, dp: bool, mode: str, settings_base,
+               sync: Callable[[], None] | None = None) -> dict:
+    """One real ``train_reward_model`` run on ``build_rm()`` (``train_interleaved`` with one run);
+    raises what the run raised."""
+    row = train_interleaved({"run": (build_rm, dp, mode)}, pairs, settings_base=settings_base, sync=sync)["run"]
+    if isinstance(row, BaseException):
+        raise row
+    return row
 
 
 @dataclass
