@@ -441,7 +441,8 @@ def test_commands_of_rows_run_at_another_budget_name_it_so_they_reproduce(tmp_pa
     budget, or a row at the config's budget, is shown as stored."""
     from mor_secure.bench.alignment import load_track, reproducible_commands, render
 
-    now = load_track("shapes").cfg.grpo.steps
+    cfg = load_track("shapes").cfg
+    now = cfg.grpo.steps
     cmds = ["mor-secure bench alignment --tracks shapes", "mor-secure bench alignment --grpo-steps 5 --tracks shapes",
             "mor-secure bench alignment --set grpo.steps=7", "mor-secure bench alignment --grpo-steps=9"]
     entry = {"config": "configs/demo.yaml", "commands": cmds, "settings": {"grpo_steps": now + 1}}
@@ -475,6 +476,14 @@ def test_commands_of_rows_run_at_another_budget_name_it_so_they_reproduce(tmp_pa
     monkeypatch.chdir(tmp_path)
     assert reproducible_commands("shapes", {**entry, "settings": {"grpo_steps": now + 1}})[0].endswith(
         f"--grpo-steps {now + 1}")
+    # and so does the estimate at the config's sizes: a GRPO phase at half the config's budget scales by 2
+    from mor_secure.bench.alignment import full_size_estimate
+
+    small = {"perception_steps": 1, "pairs_per_client": cfg.data.pairs_per_client, "epochs": cfg.clients[0].training.epochs,
+             "grpo_steps": now / 2, "prompts_per_step": cfg.grpo.prompts_per_step,
+             "num_generations": cfg.grpo.num_generations, "fedavg_rounds": 2}
+    est = full_size_estimate("shapes", {**entry, "settings": small, "seeds": {"0": {"mor:eps8": {"phases": {"GRPO": [10.0, 8.0]}}}}})
+    assert est is not None and est["scale"]["grpo"] == pytest.approx(2.0) and est["wall_per_seed"] == pytest.approx(20.0)
 
 
 def test_committed_400_step_results_resume_with_their_budget():

@@ -1269,6 +1269,15 @@ def _setting(entry: dict, key: str):
     return entry["settings"].get(key, SETTING_DEFAULTS.get(key))
 
 
+def stored_track(name: str, entry: dict, *, quick: bool = False):
+    """The track a stored results entry names, from its config as that file reads today (a relative path
+    stored from the repository's root is found from elsewhere too); ConfigError when it cannot be read."""
+    config = Path(entry["config"])
+    if not config.is_file():
+        config = Path(__file__).resolve().parents[2] / entry["config"]
+    return load_track(name, str(config), quick=quick)
+
+
 def reproducible_commands(name: str, entry: dict) -> list[str]:
     """The track's stored commands, each with ``--grpo-steps`` added when it names none and its rows ran
     at another GRPO budget than the track's config now sets (a command run before the config changed)."""
@@ -1277,11 +1286,8 @@ def reproducible_commands(name: str, entry: dict) -> list[str]:
     steps = settings.get("grpo_steps")
     if steps is None or "config" not in entry:
         return list(commands)
-    config = Path(entry["config"])
-    if not config.is_file():  # a relative path stored from the repository's root, read from elsewhere
-        config = Path(__file__).resolve().parents[2] / entry["config"]
     try:
-        now = load_track(name, str(config), quick=bool(settings.get("quick"))).cfg.grpo.steps
+        now = stored_track(name, entry, quick=bool(settings.get("quick"))).cfg.grpo.steps
     except ConfigError:
         return list(commands)
     if steps == now:
@@ -1315,7 +1321,7 @@ def full_size_estimate(name: str, entry: dict) -> dict | None:
     if "perception_steps" not in s:
         return None
     try:
-        full = _settings(load_track(name, entry["config"]), Options(fedavg_rounds=s["fedavg_rounds"]))
+        full = _settings(stored_track(name, entry), Options(fedavg_rounds=s["fedavg_rounds"]))
     except ConfigError:
         return None
     scale = {
