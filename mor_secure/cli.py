@@ -431,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="(c) in Flower's simulation engine (Ray) or an in-process grid")
     bench_perf.add_argument("--modes", default="hooks,functorch,ew,ghost", help="Opacus grad-sample modes for (a)")
     bench_perf.add_argument("--batch-size", type=int, default=128, help="(a) RM batch size (demo: 256)")
-    bench_perf.add_argument("--dpsgd-steps", type=int, default=4, help="(a) steps per training run (at least 3)")
+    bench_perf.add_argument("--dpsgd-steps", type=int, default=12,
+                            help="(a) steps per training run (at least 3; the first and the last are not timed)")
     bench_perf.add_argument("--grpo-clients", type=int, default=3, help="(b) clients")
     bench_perf.add_argument("--grpo-steps", type=int, default=5, help="(b) GRPO steps per run (at least 2)")
     bench_perf.add_argument("--grpo-repeats", type=int, default=3, help="(b) runs per side")

@@ -211,7 +211,7 @@ class LoadMonitor:
 
 # -- (a) DP-SGD step time ---------------------------------------------------------------------------
 def bench_dpsgd(families: Sequence[str] = FAMILIES, modes: Sequence[str] = GRAD_SAMPLE_MODES, *,
-                batch_size: int = 128, steps: int = 4, repeats: int = 3, lora_r: int = 16,
+                batch_size: int = 128, steps: int = 12, repeats: int = 3, lora_r: int = 16,
                 progress: bool = True) -> dict:
     """(a): per family, the median step time without DP and per grad-sample mode, and ratios.
 
