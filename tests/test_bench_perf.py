@@ -38,6 +38,8 @@ def test_quick_bench_perf_writes_its_section(tmp_path):
             assert _finite_positive(row["modes"][mode]["ratio"])
             assert all(_finite_positive(r) for r in row["modes"][mode]["ratio_by_repeat"])
         assert row["best_mode"] in a["working_modes"]
+        # the control: the non-private run and the first working mode alone, not taking turns
+        assert row["alone"]["mode"] == a["working_modes"][0] and _finite_positive(row["alone"]["ratio_cpu"])
 
     # (b) GRPO step: Flower messages (in-process grid in quick mode) over in-process rewards
     sides = result["grpo"]["sides"]
@@ -58,6 +60,7 @@ def test_quick_bench_perf_writes_its_section(tmp_path):
     assert section is not None and "mor-secure bench perf --quick" in section
     assert "x86_64" in section or "CPUs" in section  # the machine line
     assert "| llava |" in section and "| 3 |" in section and "| 8 |" in section
+    assert "Median CPU step alone vs taking turns: llava non-private" in section
     assert read_section(out, "other").endswith("kept as it is")
     assert text.count("<!-- bench:perf -->") == 1
 

@@ -5,7 +5,7 @@ import functools
 
 import pytest
 
-from mor_secure.bench.timing import train_interleaved, train_once
+from mor_secure.bench.timing import paired_ratios, train_interleaved, train_once
 from mor_secure.data import make_samples, vocabulary
 from mor_secure.models.factory import build_vlm
 from mor_secure.rewards.reward_model import RewardModel
@@ -21,11 +21,21 @@ def pairs():
     return [{"image": s["image"], "question": s["question"], "chosen": "yes", "rejected": "no"} for s in samples]
 
 
-def build(name: str, log: list[str]) -> RewardModel:
+TIMEOUT_S = 300  # a rotation that never passes the turn on fails the test instead of hanging it
+
+
+def build(name: str, log: list[str], fail_at: int | None = None) -> RewardModel:
     """A tiny LLaVA RM whose every forward pass notes ``name`` (after the timer's own hooks would
-    have waited for the turn: a forward hook runs once the pass is done)."""
+    have waited for the turn: a forward hook runs once the pass is done); with ``fail_at``, forward
+    pass number ``fail_at`` (from 0) raises instead."""
     rm = RewardModel(build_vlm("llava", vocabulary(), seed=0), lora_r=2)
-    rm.register_forward_hook(lambda *_: log.append(name))
+
+    def note(*_):
+        if fail_at is not None and sum(n == name for n in log) == fail_at:
+            raise RuntimeError(f"{name}: planted failure")
+        log.append(name)
+
+    rm.register_forward_hook(note)
     return rm
 
 
@@ -33,7 +43,7 @@ def test_runs_take_turns_one_step_each_and_each_is_timed(pairs):
     log: list[str] = []
     runs = {name: (functools.partial(build, name, log), dp, "hooks")
             for name, dp in (("none", False), ("hooks", True), ("again", True))}
-    got = train_interleaved(runs, pairs, settings_base=SETTINGS)
+    got = train_interleaved(runs, pairs, settings_base=SETTINGS, timeout_s=TIMEOUT_S)
     # two forward passes per step (chosen, rejected); step k of every run, in order, then step k + 1
     assert log == [name for _ in range(STEPS) for name in runs for _ in range(2)]
     for name, row in got.items():
@@ -52,7 +62,7 @@ def test_a_run_that_fails_leaves_the_rotation_and_the_others_finish(pairs):
     runs = {"none": (functools.partial(build, "none", log), False, "hooks"),
             "ghost": (functools.partial(build, "ghost", log), True, "ghost"),
             "hooks": (functools.partial(build, "hooks", log), True, "hooks")}
-    got = train_interleaved(runs, pairs, settings_base=SETTINGS)
+    got = train_interleaved(runs, pairs, settings_base=SETTINGS, timeout_s=TIMEOUT_S)
     assert isinstance(got["ghost"], ValueError)
     assert "ghost" not in log
     assert log == [name for _ in range(STEPS) for name in ("none", "hooks") for _ in range(2)]
@@ -61,3 +71,34 @@ def test_a_run_that_fails_leaves_the_rotation_and_the_others_finish(pairs):
         train_once(functools.partial(build, "ghost", []), pairs, dp=True, mode="ghost", settings_base=SETTINGS)
     alone = train_once(functools.partial(build, "alone", []), pairs, dp=False, mode="hooks", settings_base=SETTINGS)
     assert alone["steps"] == STEPS and len(alone["cpu_intervals"]) == STEPS - 2
+
+
+def test_a_run_that_fails_mid_rotation_passes_the_turn_on(pairs):
+    """A run whose third step fails (its fifth forward pass raises) leaves while holding the turn: the
+    others go on taking turns to their last step."""
+    log: list[str] = []
+    runs = {"none": (functools.partial(build, "none", log), False, "hooks"),
+            "broken": (functools.partial(build, "broken", log, fail_at=4), True, "hooks"),
+            "hooks": (functools.partial(build, "hooks", log), True, "hooks")}
+    got = train_interleaved(runs, pairs, settings_base=SETTINGS, timeout_s=TIMEOUT_S)
+    assert isinstance(got["broken"], RuntimeError) and "planted failure" in str(got["broken"])
+    both = [name for _ in range(STEPS) for name in ("none", "hooks") for _ in range(2)]
+    # steps 0 and 1 of all three in turn; from step 2 on, the two that are left
+    expected = [name for _ in range(2) for name in runs for _ in range(2)] + both[8:]
+    assert log == expected
+    assert got["none"]["steps"] == got["hooks"]["steps"] == STEPS
+
+
+def test_paired_ratios_pair_steps_of_the_same_turn():
+    """Each DP step over the non-private step at the same index of the same repeat; the median over all
+    pairs and each repeat's median. A drift that doubles both sides from one step to the next (the
+    host slowing down) leaves every paired ratio at 1.5, while the unpaired medians would mix steps."""
+    bases = [{"cpu_intervals": [0.2, 0.4, 0.2]}, {"cpu_intervals": [0.1, 0.1, 0.4]}]
+    sides = [{"cpu_intervals": [0.3, 0.6, 0.3]}, {"cpu_intervals": [0.15, 0.15, 0.6]}]
+    pooled, per_repeat = paired_ratios(sides, bases)
+    assert pooled == pytest.approx(1.5) and per_repeat == pytest.approx([1.5, 1.5])
+    sides[1]["cpu_intervals"] = [0.2, 0.3, 0.8]  # ratios 2, 3, 2
+    pooled, per_repeat = paired_ratios(sides, bases)
+    assert per_repeat == pytest.approx([1.5, 2.0]) and pooled == pytest.approx(1.75)  # median of 1.5 x3, 2, 3, 2
+    with pytest.raises(ValueError):  # steps that do not line up are an error, not a silent truncation
+        paired_ratios([{"cpu_intervals": [0.3]}], [{"cpu_intervals": [0.2, 0.2]}])

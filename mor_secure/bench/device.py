@@ -104,7 +104,7 @@ def bench_rm_steps(device: torch.device, *, size: str, image_size: int, families
     from mor_secure.rewards.train import TrainSettings
 
     if steps < 3:
-        raise ConfigError(f"--steps {steps}: at least 3 (the first step is left out, then one interval)")
+        raise ConfigError(f"--steps {steps}: at least 3 (the first step and the last are not timed)")
     out: dict = {"families": {}, "failed_modes": {}}
     working = list(modes)
     total = repeats * len(families) * (1 + len(modes))

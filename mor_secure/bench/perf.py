@@ -60,7 +60,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mor_secure.bench.calibration import dpsgd_plans_once
-from mor_secure.bench.timing import TimedReward, client_rm, median, ratios, train_interleaved, try_mode
+from mor_secure.bench.timing import (TimedReward, client_rm, median, paired_ratios, ratios, train_interleaved,
+                                     train_once, try_mode)
 from mor_secure.config import GrpoSection, RunConfig, parse_config
 from mor_secure.errors import ConfigError
 from mor_secure.federation import hops
@@ -224,7 +225,7 @@ def bench_dpsgd(families: Sequence[str] = FAMILIES, modes: Sequence[str] = GRAD_
     from mor_secure.rewards.train import TrainSettings
 
     if steps < 3:
-        raise ConfigError(f"steps={steps}: at least 3 (the first step is left out, then one interval)")
+        raise ConfigError(f"steps={steps}: at least 3 (the first step and the last are not timed)")
     torch.set_num_threads(1)  # the step's whole computation in this thread: its CPU time is the step's
     # one batch of pairs, one step per epoch: every run encodes only ``batch_size`` pairs, and DP-SGD's
     # sampling rate is 1, so private and non-private steps see batches of exactly the same size
@@ -247,6 +248,7 @@ def bench_dpsgd(families: Sequence[str] = FAMILIES, modes: Sequence[str] = GRAD_
             shapes[fam] = {"trainable_params": sum(p.numel() for p in rm.trainable_parameters()),
                            "tokens": int(enc["input_ids"].shape[1])}
         runs: dict[str, dict[str, list[dict]]] = {fam: {} for fam in families}
+        solo: dict[str, dict[str, list[dict]]] = {fam: {} for fam in families}
         working = list(modes)
         total = repeats * len(families) * (1 + len(modes))
         with tqdm(total=total, desc="(a) DP-SGD step time", disable=not progress) as bar:
@@ -271,6 +273,11 @@ def bench_dpsgd(families: Sequence[str] = FAMILIES, modes: Sequence[str] = GRAD_
                                        families=families, runs=runs, failed=out["failed_modes"])
                         if row is not None:
                             runs[fam].setdefault(name, []).append(row)
+                    # control: the non-private run and the first working mode's run again, each alone (not
+                    # taking turns), so the page shows whether taking turns changes a step's time
+                    for name, dp, mode in [o for o in order if o[0] in ("none", *working[:1])]:
+                        solo[fam].setdefault(name, []).append(
+                            train_once(build, data[fam], dp=dp, mode=mode, settings_base=base))
                     bar.update(1 + len(modes))
     for fam in families:
         none = runs[fam]["none"]
@@ -280,16 +287,22 @@ def bench_dpsgd(families: Sequence[str] = FAMILIES, modes: Sequence[str] = GRAD_
         for mode in working:
             rs = runs[fam].get(mode, [])
             # each DP step over the non-private step of the same turn (the runs took turns step by step)
-            paired = [[d / b for d, b in zip(r["intervals"], n["intervals"])] for r, n in zip(rs, none)]
-            paired_cpu = [[d / b for d, b in zip(r["cpu_intervals"], n["cpu_intervals"])] for r, n in zip(rs, none)]
+            ratio, by_repeat = paired_ratios(rs, none, "intervals")
+            ratio_cpu, cpu_by_repeat = paired_ratios(rs, none, "cpu_intervals")
             m = {"step_s": median([r["step_s"] for r in rs]), "step_cpu_s": median([r["step_cpu_s"] for r in rs]),
-                 "ratio_by_repeat": [median(x) for x in paired], "ratio_cpu_by_repeat": [median(x) for x in paired_cpu],
-                 "ratio": median([x for rep in paired for x in rep]),
-                 "ratio_cpu": median([x for rep in paired_cpu for x in rep]),
+                 "ratio_by_repeat": by_repeat, "ratio_cpu_by_repeat": cpu_by_repeat, "ratio": ratio, "ratio_cpu": ratio_cpu,
                  "ratio_of_medians_cpu": median([r["step_cpu_s"] for r in rs]) / row["none_cpu_s"],
                  "forward_cpu_s": median([r["forward_cpu_s"] for r in rs]),
                  "rest_cpu_s": median([r["rest_cpu_s"] for r in rs])}
             row["modes"][mode] = m
+        alone = {name: rows for name, rows in solo[fam].items() if name in ("none", *working)}
+        if len(alone) == 2:  # the control: each side alone, its median step against the one taking turns
+            mode = next(name for name in alone if name != "none")
+            row["alone"] = {"mode": mode, "none_cpu_s": median([r["step_cpu_s"] for r in alone["none"]]),
+                            "mode_cpu_s": median([r["step_cpu_s"] for r in alone[mode]]),
+                            "ratio_cpu_by_repeat": [d["step_cpu_s"] / n["step_cpu_s"]
+                                                    for d, n in zip(alone[mode], alone["none"])]}
+            row["alone"]["ratio_cpu"] = row["alone"]["mode_cpu_s"] / row["alone"]["none_cpu_s"]
         if row["modes"]:
             best = min(row["modes"], key=lambda m: row["modes"][m]["ratio_cpu"])
             row["best_mode"], row["best_ratio"] = best, row["modes"][best]["ratio_cpu"]
@@ -1169,6 +1182,17 @@ def render(result: dict, command: str, date: str, machine_line: str | None = Non
                   + "; ".join(f"{fam} " + ", ".join(f"{m} {row['modes'][m]['ratio_of_medians_cpu']:.2f}x"
                                                     for m in a["working_modes"])
                               for fam, row in a["families"].items()) + ".", ""]
+        alone = {fam: row for fam, row in a["families"].items() if "alone" in row}
+        if alone:
+            lines += ["Control: in each repeat the non-private run and one DP run were also made alone, one after "
+                      "the other, not taking turns (each step then follows a step of its own run, with its own data "
+                      "in the caches). Median CPU step alone vs taking turns: "
+                      + "; ".join(f"{fam} non-private {row['alone']['none_cpu_s']:.3f} vs {row['none_cpu_s']:.3f} s, "
+                                  f"{row['alone']['mode']} {row['alone']['mode_cpu_s']:.3f} vs "
+                                  f"{row['modes'][row['alone']['mode']]['step_cpu_s']:.3f} s, ratio alone "
+                                  f"{row['alone']['ratio_cpu']:.2f}x (per repeat "
+                                  f"{ratios(row['alone']['ratio_cpu_by_repeat'])})"
+                                  for fam, row in alone.items()) + ".", ""]
     if a["failed_modes"]:
         lines.append("Modes that do not run with these reward models:")
         lines.append("")
@@ -1188,9 +1212,14 @@ def render(result: dict, command: str, date: str, machine_line: str | None = Non
               f"and, in the backward pass, form a per-pair gradient for every trainable parameter (the two "
               f"responses of a pair summed), clip each and add noise; with tiny models and LoRA the per-layer "
               f"work of the hooks is large next to the model's own arithmetic.", ""]
+    over = {fam: max(row["modes"][row["best_mode"]]["ratio_cpu_by_repeat"]) for fam, row in best.items()
+            if max(row["modes"][row["best_mode"]]["ratio_cpu_by_repeat"], default=0.0) > TARGET_RATIO}
     lines.append(f"Target (a) **{'met' if met_a else 'missed'}** (CPU time): best mode per family "
                  + ", ".join(f"{fam} {row['best_mode']} {row['best_ratio']:.2f}x (wall {row['best_ratio_wall']:.2f}x)"
-                             for fam, row in best.items()) + ".")
+                             for fam, row in best.items()) + "."
+                 + (" Met at the median, without margin: a repeat of "
+                    + ", ".join(f"{fam} reached {x:.2f}x" for fam, x in over.items())
+                    + f", above {TARGET_RATIO}x." if met_a and over else ""))
     lines.append("")
     # (b)
     s = b["sides"]

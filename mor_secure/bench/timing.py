@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 
 def median(xs: Sequence[float]) -> float:
@@ -69,18 +70,30 @@ class _Turns:
     def done(self, name: str) -> None:
         """``name``'s turn ends; the next in order takes it."""
         with self.cv:
+            if self.current != name:
+                raise RuntimeError(f"{name} ended a turn that {self.current} holds")
             self._pass_on(name)
 
     def leave(self, name: str) -> None:
-        """``name`` (holding the turn) leaves the rotation; the next in order takes the turn."""
+        """``name`` leaves the rotation; if it held the turn, the next in order takes it."""
         with self.cv:
-            if len(self.order) > 1:
+            if self.current == name and len(self.order) > 1:
                 self._pass_on(name)
             self.order.remove(name)
+            self.cv.notify_all()
+
+
+def paired_ratios(sides: Sequence[dict], bases: Sequence[dict], key: str = "cpu_intervals") -> tuple[float, list[float]]:
+    """Steps timed while taking turns (``train_interleaved``), one run per repeat on each side: each
+    step of ``sides`` over the step of ``bases`` at the same index in the same repeat. Returns the
+    median over every pair of every repeat, and each repeat's median."""
+    per_repeat = [[d / b for d, b in zip(side[key], base[key], strict=True)] for side, base in zip(sides, bases, strict=True)]
+    return median([x for rep in per_repeat for x in rep]), [median(rep) for rep in per_repeat]
 
 
 def train_interleaved(runs: dict[str, tuple[Callable[[], object], bool, str]], pairs: list[dict], *,
-                      settings_base, sync: Callable[[], None] | None = None) -> dict[str, dict | BaseException]:
+                      settings_base, sync: Callable[[], None] | None = None,
+                      timeout_s: float | None = None) -> dict[str, dict | BaseException]:
     """Real ``train_reward_model`` runs, one per entry ``name: (build_rm, dp, grad_sample_mode)``, that
     take turns step by step in the order given: step k of every run, then step k + 1 of every run.
 
@@ -92,7 +105,8 @@ def train_interleaved(runs: dict[str, tuple[Callable[[], object], bool, str]], p
     time, and from its last step to its end. A step is timed from its first forward pass to the next
     step's, per-step times from hooks on the RM; the first step (caches) and the last (no next step
     marks its end) are left out. ``sync`` (an accelerator's synchronize) runs before each time is read.
-    Returns, per name, the timings or the exception that ended the run."""
+    Returns, per name, the timings or the exception that ended the run; TimeoutError, naming the run
+    whose turn it is, when the runs take longer than ``timeout_s`` together."""
     from dataclasses import replace
 
     from mor_secure.rewards.train import train_reward_model
@@ -125,8 +139,9 @@ def train_interleaved(runs: dict[str, tuple[Callable[[], object], bool, str]], p
             forward_cpu.append(time.thread_time() - t0[-1][1])
             forward_wall.append(time.perf_counter() - t0[-1][0])
 
-        turns.wait(name)
         try:
+            turns.wait(name)
+            torch.get_num_threads()  # applies the process's thread count (set_num_threads) to this thread
             rm = build_rm()
             rm.register_forward_pre_hook(pre)
             rm.register_forward_hook(post)
@@ -152,16 +167,20 @@ def train_interleaved(runs: dict[str, tuple[Callable[[], object], bool, str]], p
                for name, spec in runs.items()]
     for t in threads:
         t.start()
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     for t in threads:
-        t.join()
+        t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if t.is_alive():
+            raise TimeoutError(f"RM training runs still going after {timeout_s} s; {turns.current}'s turn")
     return out
 
 
 def train_once(build_rm: Callable[[], object], pairs: list[dict], *, dp: bool, mode: str, settings_base,
-               sync: Callable[[], None] | None = None) -> dict:
+               sync: Callable[[], None] | None = None, timeout_s: float | None = None) -> dict:
     """One real ``train_reward_model`` run on ``build_rm()`` (``train_interleaved`` with one run);
     raises what the run raised."""
-    row = train_interleaved({"run": (build_rm, dp, mode)}, pairs, settings_base=settings_base, sync=sync)["run"]
+    row = train_interleaved({"run": (build_rm, dp, mode)}, pairs, settings_base=settings_base, sync=sync,
+                            timeout_s=timeout_s)["run"]
     if isinstance(row, BaseException):
         raise row
     return row
