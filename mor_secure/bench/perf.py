@@ -1215,7 +1215,7 @@ def render(result: dict, command: str, date: str, machine_line: str | None = Non
     over = {fam: max(row["modes"][row["best_mode"]]["ratio_cpu_by_repeat"]) for fam, row in best.items()
             if max(row["modes"][row["best_mode"]]["ratio_cpu_by_repeat"], default=0.0) > TARGET_RATIO}
     lines.append(f"Target (a) **{'met' if met_a else 'missed'}** (CPU time): best mode per family "
-                 + ", ".join(f"{fam} {row['best_mode']} {row['best_ratio']:.2f}x (wall {row['best_ratio_wall']:.2f}x)"
+                 + ", ".join(f"{fam} {row['best_mode']} {row['best_ratio']:.3f}x (wall {row['best_ratio_wall']:.3f}x)"
                              for fam, row in best.items()) + "."
                  + (" Met at the median, without margin: a repeat of "
                     + ", ".join(f"{fam} reached {x:.2f}x" for fam, x in over.items())
