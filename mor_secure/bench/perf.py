@@ -60,8 +60,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mor_secure.bench.calibration import dpsgd_plans_once
-from mor_secure.bench.timing import (TimedReward, client_rm, median, paired_ratios, ratios, train_interleaved,
-                                     train_once, try_mode)
+from mor_secure.bench.timing import (TimedReward, client_rm, median, paired_ratios, ratios, row_or_raise,
+                                     train_interleaved, train_once, try_mode)
 from mor_secure.config import GrpoSection, RunConfig, parse_config
 from mor_secure.errors import ConfigError
 from mor_secure.federation import hops
@@ -269,7 +269,7 @@ def bench_dpsgd(families: Sequence[str] = FAMILIES, modes: Sequence[str] = GRAD_
                     got = train_interleaved({name: (build, dp, mode) for name, dp, mode in order}, data[fam],
                                             settings_base=base)
                     for name, _, _ in order:
-                        row = try_mode(name, functools.partial(_row_or_raise, got[name]), working=working,
+                        row = try_mode(name, functools.partial(row_or_raise, got[name]), working=working,
                                        families=families, runs=runs, failed=out["failed_modes"])
                         if row is not None:
                             runs[fam].setdefault(name, []).append(row)
@@ -320,12 +320,6 @@ _PAIRED_STEPS = ("In each of {repeats} repeats the non-private run and one run p
                  "machine's speed (tens of percent within a minute on a shared host) slows both alike; the ratio "
                  "is the median of these paired ratios over all repeats, the figures in parentheses each repeat's "
                  "median, the step times the median over repeats of each run's median step. ")
-
-
-def _row_or_raise(got: dict | BaseException) -> dict:
-    if isinstance(got, BaseException):
-        raise got
-    return got
 
 
 # -- (b) GRPO step: rewards through Flower vs in-process -------------------------------------------

@@ -179,11 +179,15 @@ def train_once(build_rm: Callable[[], object], pairs: list[dict], *, dp: bool, m
                sync: Callable[[], None] | None = None, timeout_s: float | None = None) -> dict:
     """One real ``train_reward_model`` run on ``build_rm()`` (``train_interleaved`` with one run);
     raises what the run raised."""
-    row = train_interleaved({"run": (build_rm, dp, mode)}, pairs, settings_base=settings_base, sync=sync,
-                            timeout_s=timeout_s)["run"]
-    if isinstance(row, BaseException):
-        raise row
-    return row
+    return row_or_raise(train_interleaved({"run": (build_rm, dp, mode)}, pairs, settings_base=settings_base,
+                                          sync=sync, timeout_s=timeout_s)["run"])
+
+
+def row_or_raise(got: dict | BaseException) -> dict:
+    """A run's timings from ``train_interleaved``, or the exception that ended it, raised."""
+    if isinstance(got, BaseException):
+        raise got
+    return got
 
 
 @dataclass
