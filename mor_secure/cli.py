@@ -400,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
         "supernode", help="run Flower's flower-supernode with adaptive polling (deployment; see README)",
         usage="mor-secure client supernode [--floor-s S] -- FLOWER_SUPERNODE_ARGS...",
         description="Flower's own SuperNode, except that after an empty pull it sleeps an eighth of the "
-                    "time since its last message (from --floor-s up to Flower's 3 s) instead of 3 s, and "
+                    "time since its last message (from --floor-s up to Flower's 3 s), or through most of the gap "
+                    "it learnt requests come in, instead of 3 s, and "
                     "looks for its ClientApp's reply every 0.02 s instead of 0.5 s. Everything after `--` "
                     "goes to flower-supernode unchanged.")
     snode.add_argument("--floor-s", type=float, default=0.02,

@@ -24,7 +24,8 @@ from mor_secure.config import load_config
 from mor_secure.crypto.provision import provision
 from mor_secure.deploy.client_init import EXECUTOR_SECRET, init_client_folder
 from mor_secure.deploy.local import (
-    LOOPBACK, ProcessGroup, flower_env, free_port, scoring_service_argv, superlink_argv, supernode_argv,
+    LOOPBACK, ProcessGroup, flower_env, free_port, scoring_service_argv, superlink_argv, superlink_env,
+    supernode_argv,
     wait_for_port, wait_for_socket, write_connection,
 )
 from mor_secure.federation import hops
@@ -59,7 +60,7 @@ def link(tmp_path_factory):
     with ProcessGroup(root / "logs") as group:
         (root / "hops").mkdir()
         group.start("superlink", ["timeout", str(RUN_TIMEOUT_S + 120), *superlink_argv(kits.server_dir, LOOPBACK, port)],
-                    {**env, hops.ENV: str(root / "hops" / "server.jsonl")}, cwd=root)  # the ServerApp's hop trace
+                    superlink_env({**env, hops.ENV: str(root / "hops" / "server.jsonl")}), cwd=root)  # the ServerApp's hop trace
         wait_for_port(LOOPBACK, port, timeout_s=60)
         for name in CLIENTS:
             reg = subprocess.run(["flwr", "supernode", "register", str(kits.server_dir / "supernodes" / f"{name}.pub"),

@@ -79,7 +79,9 @@ def test_bad_scores_are_rejected(scores, fragment):
 def test_scores_travel_as_float32_values_in_a_config_record():
     scores = np.array([0.1, -2.5, 1 / 3])
     content = P.encode_scores("a", scores)
-    assert isinstance(content["out"], ConfigRecord)  # no ArrayRecord, Array or chunk objects to move
+    assert list(content.keys()) == ["out"] and isinstance(content["out"], ConfigRecord)  # one record: fewest objects
+    assert P.client_name(content) == "a"
+    assert P.client_name(RecordDict({"out": ConfigRecord({"scores": [0.1]}), "meta": ConfigRecord({"client": "b"})})) == "b"
     back = P.decode_scores(content, expected=3, limit=5.0)
     assert back.dtype == np.float64 and np.array_equal(back, scores.astype(np.float32).astype(np.float64))
     small = P.encode_score_request(request())

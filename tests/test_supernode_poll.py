@@ -63,6 +63,133 @@ def test_clock_replaces_the_idle_sleep_and_the_local_waits():
     assert clock.monotonic is time.monotonic and clock.time is time.time  # the rest is the real module
 
 
+def _simulate(wait, observe, gaps, lead=None):
+    """A node that pulls right after its last message ended (after ``lead(0)``, if given), then
+    after each ``wait(idle)``; the k-th message is there ``gaps[k]`` s after that. Pulls are
+    instantaneous. Returns the empty pulls and the delay (found - there) of each message."""
+    empties, delays = [], []
+    for gap in gaps:
+        idle, n = (lead(0.0) if lead else 0.0), 0
+        while idle < gap:
+            n += 1
+            idle += wait(idle)
+        if observe is not None:
+            observe(idle)
+        empties.append(n)
+        delays.append(idle - gap)
+    return empties, delays
+
+
+def test_rhythm_waits_like_idle_wait_until_it_has_gaps():
+    r = sn.Rhythm()
+    for idle in (0.0, 0.5, 2.0, 60.0):
+        assert r.wait(idle) == sn.idle_wait(idle)
+    for _ in range(sn.RHYTHM_MIN_GAPS - 1):
+        r.wait(0.9)
+        r.observe(1.0)
+    assert r.wait(0.0) == sn.idle_wait(0.0)  # two gaps: no rhythm yet
+
+
+def test_rhythm_sleeps_through_the_lead_then_polls_finely_then_gives_up():
+    r = sn.Rhythm()
+    for _ in range(sn.RHYTHM_MIN_GAPS):
+        r.wait(0.99)  # an empty pull just before the message
+        r.observe(1.01)
+    shortest = min(r.gaps)
+    assert shortest == pytest.approx(1.0)  # the midpoint of the last empty pull and the one that found it
+    assert r.wait(0.0) == pytest.approx(sn.RHYTHM_LEAD * shortest)  # one sleep to the expected window
+    assert r.wait(0.5) == pytest.approx(sn.RHYTHM_LEAD * shortest - 0.5)
+    assert r.wait(0.85) == pytest.approx(shortest / sn.RHYTHM_STEPS)  # inside it: fine polls
+    assert r.wait(2.0) == sn.idle_wait(2.0)  # past 1.5x the longest gap: the rhythm broke
+    assert r.wait(100.0) == sn.FLOWER_IDLE_S
+
+
+def test_rhythm_remembers_the_midpoint_of_what_it_knows():
+    r = sn.Rhythm()
+    r.observe(1.0)  # found at the first pull after the last message: somewhere in [0, 1]
+    assert r.gaps[-1] == 0.5
+    r.wait(0.6)
+    r.observe(1.0)  # after an empty pull at 0.6
+    assert r.gaps[-1] == pytest.approx(0.8)
+    r.observe(0.3)  # the empty pull belonged to the previous message
+    assert r.gaps[-1] == pytest.approx(0.15)
+    r.observe(-1.0)  # a clock step backwards is not a gap
+    assert len(r.gaps) == 3
+    with pytest.raises(ValueError, match="floor_s"):
+        sn.Rhythm(floor_s=0)
+
+
+@given(st.floats(0.2, 5.0), st.floats(0.0, 0.2), st.integers(0, 2**32 - 1))
+def test_a_steady_rhythm_costs_fewer_pulls_and_a_bounded_delay(gap, jitter, seed):
+    """Messages every ``gap`` s (+-``jitter``): once learnt, the rhythm pulls fewer times per
+    message than ``idle_wait`` alone, and finds each message at most about gap/16 late (or no
+    later than ``idle_wait`` would)."""
+    import random
+
+    rnd = random.Random(seed)
+    gaps = [1000.0] + [gap * (1 + rnd.uniform(-jitter, jitter)) for _ in range(40)]  # a first, long wait
+    r = sn.Rhythm()
+    empties, delays = _simulate(r.wait, r.observe, gaps, lead=r.lead)
+    plain, plain_delays = _simulate(sn.idle_wait, None, gaps)
+    learnt = slice(12, None)
+    assert sum(empties[learnt]) < sum(plain[learnt]) / 2
+    # a remembered midpoint can exceed its gap by half a fine poll, so the poll by 1/32 of itself
+    bound = max(sn.FLOOR_S, gap * (1 + jitter) * (1 + 1 / (2 * sn.RHYTHM_STEPS)) / sn.RHYTHM_STEPS) + 1e-9
+    assert max(delays[learnt]) <= max(bound, max(plain_delays[learnt]))
+
+
+def test_a_message_earlier_than_the_rhythm_shortens_the_lead_geometrically():
+    r = sn.Rhythm()
+    _simulate(r.wait, r.observe, [2.0] * 5, lead=r.lead)
+    due = sn.RHYTHM_LEAD * min(r.gaps)
+    assert 1.4 < due < 1.6
+    empties, delays = _simulate(r.wait, r.observe, [0.4] * 12, lead=r.lead)  # the server's steps got faster
+    assert delays[0] == pytest.approx(due - 0.4)  # the first came during the lead: found at its end
+    assert delays[1] == pytest.approx(sn.RHYTHM_LEAD ** 2 * due - 0.4)  # remembered as the lead of when it was found
+    assert all(b < a for a, b in zip(delays[:4], delays[1:4]))
+    assert max(delays[6:]) <= 0.4 / sn.RHYTHM_STEPS + 1e-9  # then found within a fine poll of when it came
+
+
+def test_lead_is_the_rest_of_the_expected_gap_and_is_remembered_as_such():
+    r = sn.Rhythm()
+    assert r.lead(0.0) == 0.0  # no rhythm: pull at once
+    for _ in range(sn.RHYTHM_MIN_GAPS):
+        r.wait(0.95)
+        r.observe(1.05)
+    assert r.lead(0.0) == pytest.approx(sn.RHYTHM_LEAD)
+    assert r.lead(0.5) == pytest.approx(sn.RHYTHM_LEAD - 0.5)
+    assert r.lead(0.9) == 0.0  # past the lead: pull
+    r.lead(0.0)
+    r.observe(0.8)  # found at the first pull after the lead: it may have come at any point of it
+    assert r.gaps[-1] == pytest.approx(sn.RHYTHM_LEAD * 0.8)
+    assert sn.Rhythm(ceiling_s=0.25).lead(0.0) == 0.0
+    capped = sn.Rhythm(ceiling_s=0.25)
+    for _ in range(sn.RHYTHM_MIN_GAPS):
+        capped.observe(2.0)
+    assert capped.lead(0.0) == 0.25  # one sleep is at most the ceiling
+
+
+def test_clock_learns_the_rhythm_from_arrivals():
+    t = FakeTime()
+    clock = sn.AdaptiveClock(clock=t.clock, sleeper=t.sleep)
+    for _ in range(sn.RHYTHM_MIN_GAPS):
+        clock.mark_message()  # a reply pushed
+        t.now += 0.99
+        clock.sleep(3)  # an empty pull
+        t.now = t.now - t.slept[-1] + 0.02
+        clock.arrived()  # the next message, 1.01 s after the reply
+    clock.mark_message()
+    clock.sleep(3)
+    assert t.slept[-1] == pytest.approx(sn.RHYTHM_LEAD * min(clock.rhythm.gaps))
+    assert 0.7 < t.slept[-1] < 0.85
+    clock.mark_message()
+    before = len(t.slept)
+    clock.before_pull()  # Flower's loop pulls right after a reply: with a rhythm it first sleeps the lead
+    assert len(t.slept) == before + 1 and t.slept[-1] == pytest.approx(sn.RHYTHM_LEAD * min(clock.rhythm.gaps))
+    clock.before_pull()  # past the lead: no sleep
+    assert len(t.slept) == before + 1
+
+
 def test_clock_refuses_bad_settings():
     with pytest.raises(ValueError, match="floor_s"):
         sn.AdaptiveClock(floor_s=0)

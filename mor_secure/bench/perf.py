@@ -530,8 +530,8 @@ def _deployment_run(root: Path, names: list[str], kits, folders: list[Path], spe
     service on the others (:func:`host_cpus`), as if the clients were on their own hosts; checked
     from the ServerApp's own CPU affinity."""
     from mor_secure.deploy.local import (
-        LOOPBACK, ProcessGroup, flower_env, free_port, scoring_service_argv, superlink_argv, supernode_argv,
-        wait_for_port, wait_for_socket, write_connection,
+        LOOPBACK, ProcessGroup, flower_env, free_port, scoring_service_argv, superlink_argv, superlink_env,
+        supernode_argv, wait_for_port, wait_for_socket, write_connection,
     )
     from mor_secure.federation.scoring_service import EXECUTOR_SECRET, SOCKET_NAME
 
@@ -563,7 +563,7 @@ def _deployment_run(root: Path, names: list[str], kits, folders: list[Path], spe
 
     with ProcessGroup(root / "logs") as group:
         group.start("superlink", ["timeout", limit, *superlink_argv(kits.server_dir, LOOPBACK, port)],
-                    traced("server"), cwd=root, cpus=server_cpus)
+                    superlink_env(traced("server")), cwd=root, cpus=server_cpus)
         wait_for_port(LOOPBACK, port, timeout_s=60)
         for name, folder in zip(names, folders):
             reg = subprocess.run(["flwr", "supernode", "register", str(kits.server_dir / "supernodes" / f"{name}.pub"),
@@ -1013,10 +1013,11 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
               f"SuperNode with that one sleep replaced: an eighth of the time since its last message or reply, 0.02 s to 3 s "
               f"(`mor_secure/deploy/supernode.py`); the next request then waits about {idle_a:.2f} s;",
               "- its SuperExec looks for tasks every 0.1 s (`FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1`, set by "
-              "`mor_secure.deploy.local.flower_env` and the README recipe; Flower's default is 1 s) and starts a "
+              "`mor_secure.deploy.local.flower_env` and the README recipe for SuperNodes; Flower's default is 1 s, "
+              "which the SuperLink's own SuperExec keeps: `superlink_env`) and starts a "
               "new `flwr-clientapp` process for the message. With `--isolation process` there is neither: the "
               "client's scoring service acquires the task itself (every 0.02 s after a task, on the same adaptive "
-              "schedule) and answers in its own process (`mor_secure/federation/runtime_executor.py`);",
+              "schedule and rhythm) and answers in its own process (`mor_secure/federation/runtime_executor.py`);",
               f"- that process, measured outside Flower (median of 2): {full['process_s']:.1f} s when it scores "
               f"itself (Flower's ClientApp runtime {full['runtime_import_s']:.1f} s, the ClientApp module "
               f"{full['app_import_s']:.1f} s, the client node with torch, transformers and TenSEAL and its RM "
@@ -1032,7 +1033,10 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
               "a per-message `flwr-clientapp` process keeps Flower's 1 s;",
               "- Flower's SuperNode looks for the reply every 0.5 s (the adaptive one every 0.02 s), and the ServerApp "
               "pulls replies from the SuperLink every 0.02 s at first, then every eighth of the time waited so far, at "
-              "most every 0.25 s "
+              "most every 0.25 s; once round trips repeat, each of the three sleeps through most of the gap it learnt "
+              "and pulls every sixteenth of it near its end (`mor_secure.deploy.supernode.Rhythm`: every empty pull "
+              "is a request the SuperLink serves, about 13 ms of its CPU here, and the ones a round trip waits for "
+              "queue behind them) "
               "(`mor_secure.federation.channel.POLL_S`; Flower's `Grid.send_and_receive` waits 3 s between pulls).", "",
               f"Expected extra per reward round trip: {idle:.1f} + 0.05 + process + 0.25 + about 0.1 = "
               f"{fixed + full['process_s']:.1f} s without the service (measured "

@@ -55,9 +55,20 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("HF_DATASETS_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # the SuperExec looks for new tasks every second by default; each reward round trip waited
-    # 0.5 s for it on average. 0.1 s costs one local poll of the SuperNode ten times a second.
+    # a SuperNode's SuperExec looks for new tasks every second by default; each reward round trip
+    # waited 0.5 s for it on average. 0.1 s costs one local poll of the SuperNode ten times a second.
+    # The SuperLink's own SuperExec keeps Flower's 1 s (superlink_env).
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+    return env
+
+
+def superlink_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for ``flower-superlink``: its SuperExec looks for a ServerApp to start every 1 s,
+    Flower's default, not every 0.1 s. It starts one ServerApp per run, so the faster poll gains
+    under a second per run, and it cost the SuperLink a request each time: 13 of the 86 requests
+    per GRPO step that its HTTP API served in a GRPO run (BENCHMARKS.md, perf (b))."""
+    env = dict(env)
+    env.pop("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", None)
     return env
 
 

@@ -15,7 +15,10 @@ in that one module's namespace, nothing else:
   ``_pull_and_store_message`` and ``_push_messages`` are wrapped to note those times), at least
   ``floor_s`` (0.02 s) and at most Flower's own 3 s. Right after a message the node pulls every 0.02 s, so a request that follows a
   reply within t seconds waits at most about t/8 more; a node idle for 24 s or longer is back to
-  Flower's 3 s, so the SuperLink's load from idle nodes does not change;
+  Flower's 3 s, so the SuperLink's load from idle nodes does not change. Once messages come in a
+  steady rhythm (a GRPO run: one request per step), :class:`Rhythm` sleeps through most of the
+  expected gap at once and pulls finely only around its end, so the node's empty pulls, each one
+  request the SuperLink serves, drop without the message waiting longer;
 * the waits on the node's own local state (its ClientApp's reply, an object being stored) poll every
   ``local_poll_s`` (0.02 s) instead of 0.5 s; they read the SuperNode's in-memory state, no network;
 * its object pulls from the SuperLink (``pull_objects``) retry a not-yet-available object after
@@ -35,6 +38,7 @@ import logging
 import sys
 import threading
 import time as _time
+from collections import deque
 from collections.abc import Callable, Sequence
 
 from mor_secure.federation import hops
@@ -65,12 +69,96 @@ def idle_wait(idle_s: float, *, floor_s: float = FLOOR_S, ceiling_s: float = FLO
     return min(ceiling_s, max(floor_s, fraction * max(0.0, idle_s)))
 
 
+#: :class:`Rhythm`: gaps remembered, gaps needed before it predicts, the share of the shortest
+#: remembered gap slept at once, the poll interval inside the expected window (that gap over
+#: ``RHYTHM_STEPS``), and how far past the longest gap it keeps that interval.
+RHYTHM_WINDOW = 5
+RHYTHM_MIN_GAPS = 3
+RHYTHM_LEAD = 0.8
+RHYTHM_STEPS = 10
+RHYTHM_SLACK = 1.5
+
+
+class Rhythm:
+    """When the next message is due, learnt from the last gaps; the wait after an empty pull.
+
+    A GRPO run asks every client once per step, so a node's gap between finishing one message
+    and receiving the next (the server's step) repeats. Every empty pull costs the SuperLink one
+    request, and on a small host the requests of idle polls slow down the ones a round trip
+    waits for (BENCHMARKS.md, perf (b)). With at least ``RHYTHM_MIN_GAPS`` gaps remembered (the
+    last ``RHYTHM_WINDOW``), a node idle for less than ``RHYTHM_LEAD`` of the shortest sleeps to
+    that point at once, then polls every shortest / ``RHYTHM_STEPS`` (at least ``floor_s``) until
+    ``RHYTHM_SLACK`` times the longest; past that, or without enough gaps, it is
+    :func:`idle_wait`.
+
+    A gap is known only to lie between the last empty pull and the pull that found the message
+    (or between the node's last message and that pull, if no pull was empty): the midpoint is
+    remembered. A message that came while the node slept through the lead is remembered as
+    ``RHYTHM_LEAD`` of when it was found, so the next lead shortens by that factor again instead
+    of settling on its own sleep (its midpoint, half the lead, would halve the next one and put
+    many fine pulls before the message). Not thread-safe; its callers hold their own lock.
+    """
+
+    def __init__(self, *, floor_s: float = FLOOR_S, ceiling_s: float = FLOWER_IDLE_S,
+                 fraction: float = IDLE_FRACTION, window: int = RHYTHM_WINDOW) -> None:
+        if not 0 < floor_s <= ceiling_s:
+            raise ValueError(f"floor_s must be in (0, ceiling_s={ceiling_s}], got {floor_s}")
+        self.floor_s, self.ceiling_s, self.fraction = floor_s, ceiling_s, fraction
+        self.gaps: deque[float] = deque(maxlen=window)
+        self._empty: float | None = None  # idle time of the last empty pull since the last message
+        self._leapt = False  # the last wait was the sleep through the lead
+
+    def observe(self, gap_s: float) -> None:
+        """A pull found a message ``gap_s`` seconds after the node's last one ended."""
+        if gap_s >= 0:
+            if self._leapt:
+                self.gaps.append(RHYTHM_LEAD * gap_s)
+            else:
+                lo = self._empty if self._empty is not None and self._empty <= gap_s else 0.0
+                self.gaps.append((lo + gap_s) / 2)
+        self._empty, self._leapt = None, False
+
+    def restart(self) -> None:
+        """Forget the pulls of a wait that ended without a message (a caller that gave up)."""
+        self._empty, self._leapt = None, False
+
+    def lead(self, idle_s: float) -> float:
+        """Seconds to sleep before the first pull after a message, ``idle_s`` seconds after it
+        ended: the rest of the lead once the rhythm is known, else 0. Flower's loop, the executor
+        and the ServerApp each pull once right after a message, which with a known rhythm is an
+        empty pull at the moment the replies move, the busiest of the round trip."""
+        if len(self.gaps) < RHYTHM_MIN_GAPS:
+            return 0.0
+        due = RHYTHM_LEAD * min(self.gaps)
+        if idle_s >= due:
+            return 0.0
+        self._leapt = True
+        return min(self.ceiling_s, due - idle_s)
+
+    def wait(self, idle_s: float) -> float:
+        """Seconds to sleep after an empty pull, ``idle_s`` seconds after the last message ended."""
+        self._empty, self._leapt = idle_s, False
+        base = idle_wait(idle_s, floor_s=self.floor_s, ceiling_s=self.ceiling_s, fraction=self.fraction)
+        if len(self.gaps) < RHYTHM_MIN_GAPS:
+            return base
+        shortest = min(self.gaps)
+        due = RHYTHM_LEAD * shortest
+        if idle_s < due:
+            self._leapt = True
+            return min(self.ceiling_s, max(self.floor_s, due - idle_s))
+        if idle_s <= RHYTHM_SLACK * max(self.gaps):
+            return min(base, max(self.floor_s, shortest / RHYTHM_STEPS))
+        return base
+
+
 class AdaptiveClock:
     """Stands in for the ``time`` module inside Flower's SuperNode loop module only.
 
-    ``sleep(s)`` with Flower's idle interval (``s >= FLOWER_IDLE_S``) sleeps ``idle_wait`` of the
-    time since ``mark_message()`` was last called; shorter sleeps (Flower's 0.5 s waits on local
-    state) sleep at most ``local_poll_s``. Every other attribute is the real ``time`` module's.
+    ``sleep(s)`` with Flower's idle interval (``s >= FLOWER_IDLE_S``) sleeps what its
+    :class:`Rhythm` says for the time since ``mark_message()`` or ``arrived()`` was last called
+    (``idle_wait`` of it until the rhythm is known); ``before_pull()`` sleeps the rest of the
+    rhythm's lead. Shorter sleeps (Flower's 0.5 s waits on local state) sleep at most
+    ``local_poll_s``. Every other attribute is the real ``time`` module's.
     """
 
     def __init__(self, *, floor_s: float = FLOOR_S, ceiling_s: float = FLOWER_IDLE_S,
@@ -84,18 +172,34 @@ class AdaptiveClock:
         self._clock, self._sleep = clock, sleeper
         self._lock = threading.Lock()
         self._last = clock()
+        self.rhythm = Rhythm(floor_s=floor_s, ceiling_s=ceiling_s)
         self.idle_sleeps = 0  # how often the idle branch ran (for the tests and the bench)
 
     def mark_message(self) -> None:
         with self._lock:
             self._last = self._clock()
 
+    def arrived(self) -> None:
+        """A message was pulled: its gap since the node's last mark goes to the rhythm; marks."""
+        with self._lock:
+            now = self._clock()
+            self.rhythm.observe(now - self._last)
+            self._last = now
+
+    def before_pull(self) -> None:
+        """Sleep through the rest of the rhythm's lead, if any, before the loop's next pull."""
+        with self._lock:
+            wait = self.rhythm.lead(self._clock() - self._last)
+        if wait > 0:
+            self._sleep(wait)
+
     def sleep(self, seconds: float) -> None:
         if seconds >= FLOWER_IDLE_S:
             with self._lock:
                 idle = self._clock() - self._last
                 self.idle_sleeps += 1
-            self._sleep(idle_wait(idle, floor_s=self.floor_s, ceiling_s=self.ceiling_s))
+                wait = self.rhythm.wait(idle)
+            self._sleep(wait)
         else:
             self._sleep(min(seconds, self.local_poll_s))
 
@@ -103,13 +207,16 @@ class AdaptiveClock:
         return getattr(_time, name)
 
 
-def _traced(fn: Callable, event: str, when: Callable[[object], bool]) -> Callable:
+def _traced(fn: Callable, event: str, when: Callable[[object], bool],
+            then: Callable[[], None] | None = None) -> Callable:
     """``fn``, noting ``event`` in the hop trace (``federation.hops``) after each call whose result
-    passes ``when``."""
+    passes ``when``, and then calling ``then`` (if given)."""
     def call(*args, **kwargs):
         out = fn(*args, **kwargs)
         if when(out):
             hops.note(event)
+            if then is not None:
+                then()
         return out
     return call
 
@@ -126,11 +233,16 @@ def install(module, clock: AdaptiveClock) -> bool:
         return False
 
     def pull_and_mark(*args, **kwargs):
-        if "receive" in kwargs:
-            kwargs["receive"] = _traced(kwargs["receive"], "supernode.received", lambda got: got is not None)
+        clock.before_pull()
+        arrivals = []
+        if "receive" in kwargs:  # the moment the message came, for the clock's rhythm
+            kwargs["receive"] = _traced(kwargs["receive"], "supernode.received", lambda got: got is not None,
+                                        then=lambda: (clock.arrived(), arrivals.append(1)))
         run_id = pull(*args, **kwargs)
         if run_id is not None:
             hops.note("supernode.stored")
+            if not arrivals:
+                clock.arrived()
             clock.mark_message()
         return run_id
 
@@ -181,7 +293,8 @@ def main(argv: Sequence[str], *, floor_s: float = FLOOR_S, local_poll_s: float =
     elif polls:
         print(f"mor-secure: flower-supernode (flwr {flwr.__version__}) with adaptive polling: after an empty "
               f"pull it sleeps an eighth of the time since its last message, {floor_s:g} s to "
-              f"{FLOWER_IDLE_S:g} s; local waits every {local_poll_s:g} s; a missing object is pulled again "
+              f"{FLOWER_IDLE_S:g} s, or through most of the gap it learnt messages come in; local waits "
+              f"every {local_poll_s:g} s; a missing object is pulled again "
               f"after {PULL_INITIAL_BACKOFF_S:g} s, then at most every {PULL_BACKOFF_CAP_S:g} s", file=sys.stderr,
               flush=True)
     else:

@@ -18,6 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from collections.abc import Callable, Sequence
 
@@ -36,6 +37,9 @@ from mor_secure.federation import hops
 from mor_secure.federation import protocol as P
 from mor_secure.rewards.router import Router
 
+if TYPE_CHECKING:
+    from mor_secure.deploy.supernode import Rhythm
+
 log = logging.getLogger(__name__)
 
 # weights_fn(present (N, K) bool) -> effective per-slot weights (N, K): router weight x scale a_k
@@ -49,6 +53,9 @@ WeightsFn = Callable[[np.ndarray], np.ndarray]
 #: added 1.5 s on average to every reward round trip in deployment.
 POLL_S = (0.02, 0.25)
 POLL_FRACTION = 0.125
+#: The replies' round trips of each message type, learnt (``deploy.supernode.Rhythm``): once
+#: they repeat, the ServerApp sleeps through most of the next one before it pulls.
+_REPLY_RHYTHMS: dict[str, Rhythm] = {}
 
 
 def _short_reply_pulls(grid) -> None:
@@ -76,14 +83,20 @@ def send_and_receive(grid, messages: list[Message], timeout: float) -> list[Mess
     if not isinstance(grid, Grid) or isinstance(grid, InMemoryGrid):
         return list(grid.send_and_receive(messages, timeout=timeout))
     _short_reply_pulls(grid)
-    from mor_secure.deploy.supernode import idle_wait
+    from mor_secure.deploy.supernode import Rhythm
 
-    hops.note(hops.SERVER_PUSH, kind=messages[0].metadata.message_type)
+    kind = messages[0].metadata.message_type
+    rhythm = _REPLY_RHYTHMS.setdefault(kind, Rhythm(floor_s=POLL_S[0], ceiling_s=POLL_S[1], fraction=POLL_FRACTION))
+    hops.note(hops.SERVER_PUSH, kind=kind)
     pending = set(grid.push_messages(messages))
     hops.note(hops.SERVER_PUSHED)
     start = time.monotonic()
     deadline = start + timeout
     replies: list[Message] = []
+    rhythm.restart()
+    lead = rhythm.lead(0.0)
+    if lead > 0:
+        time.sleep(min(lead, timeout))
     while pending:
         hops.note(hops.SERVER_PULL)
         got = list(grid.pull_messages(pending))
@@ -92,11 +105,11 @@ def send_and_receive(grid, messages: list[Message], timeout: float) -> list[Mess
         now = time.monotonic()
         if not pending:
             hops.note(hops.SERVER_DONE)
+            rhythm.observe(now - start)
             break
         if now >= deadline:
             break
-        wait = idle_wait(now - start, floor_s=POLL_S[0], ceiling_s=POLL_S[1], fraction=POLL_FRACTION)
-        time.sleep(min(wait, deadline - now))
+        time.sleep(min(rhythm.wait(now - start), deadline - now))
     return replies
 
 

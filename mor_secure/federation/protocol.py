@@ -175,12 +175,14 @@ def decode_score_request(content: RecordDict) -> ScoreRequest:
 
 
 def encode_scores(client: str, scores: np.ndarray) -> RecordDict:
-    """A plaintext score reply: the float32 scores as a list of floats (exactly representable)."""
+    """A plaintext score reply: the float32 scores as a list of floats (exactly representable) and
+    the client's name, in one ConfigRecord: in deployment every record is one more object each
+    reply is pushed and pulled as (two more requests to the SuperLink per client and step)."""
     scores = np.asarray(scores)
     if scores.ndim != 1:
         raise ProtocolError(f"scores must be 1-D; found shape {scores.shape}")
-    return RecordDict({"out": ConfigRecord({"scores": [float(x) for x in scores.astype(np.float32)]}),
-                       "meta": ConfigRecord({"client": client})})
+    return RecordDict({"out": ConfigRecord({"scores": [float(x) for x in scores.astype(np.float32)],
+                                            "client": client})})
 
 
 def score_limit(clip_bound: float, noise_std: float) -> float:
@@ -205,9 +207,11 @@ def decode_scores(content: RecordDict, *, expected: int, limit: float) -> np.nda
 
 
 def client_name(content: RecordDict) -> str:
-    name = _field(content, "meta", "client")
+    """The replying client's name: ``meta.client``, or ``out.client`` in a plaintext score reply."""
+    record = "out" if "meta" not in content and isinstance(content.get("out"), ConfigRecord) else "meta"
+    name = _field(content, record, "client")
     if not isinstance(name, str) or not name:
-        raise ProtocolError("meta.client must be a non-empty string")
+        raise ProtocolError(f"{record}.client must be a non-empty string")
     return name
 
 
