@@ -209,6 +209,14 @@ def test_adaptive_wait_is_at_most_an_eighth_of_the_servers_compute():
         assert 0 <= _adaptive_wait(compute) <= max(FLOOR_S, compute / 8) + 1e-9
 
 
+def test_rhythm_wait_is_at_most_a_tenth_of_the_servers_compute():
+    from mor_secure.bench.perf import _rhythm_wait
+    from mor_secure.deploy.supernode import FLOOR_S, RHYTHM_STEPS
+
+    for compute in (0.3, 1.0, 5.0, 30.0):
+        assert 0 <= _rhythm_wait(compute) <= max(FLOOR_S, compute * 1.04 / RHYTHM_STEPS)
+
+
 def test_grpo_step_time_with_several_steps_per_round_trip():
     """(b) with ``steps_per_generation: 2``: one reward call per 2 GRPO steps, each scoring both steps'
     responses, and a step's time is the interval between reward calls halved."""

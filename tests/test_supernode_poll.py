@@ -63,23 +63,6 @@ def test_clock_replaces_the_idle_sleep_and_the_local_waits():
     assert clock.monotonic is time.monotonic and clock.time is time.time  # the rest is the real module
 
 
-def _simulate(wait, observe, gaps, lead=None):
-    """A node that pulls right after its last message ended (after ``lead(0)``, if given), then
-    after each ``wait(idle)``; the k-th message is there ``gaps[k]`` s after that. Pulls are
-    instantaneous. Returns the empty pulls and the delay (found - there) of each message."""
-    empties, delays = [], []
-    for gap in gaps:
-        idle, n = (lead(0.0) if lead else 0.0), 0
-        while idle < gap:
-            n += 1
-            idle += wait(idle)
-        if observe is not None:
-            observe(idle)
-        empties.append(n)
-        delays.append(idle - gap)
-    return empties, delays
-
-
 def test_rhythm_waits_like_idle_wait_until_it_has_gaps():
     r = sn.Rhythm()
     for idle in (0.0, 0.5, 2.0, 60.0):
@@ -100,7 +83,7 @@ def test_rhythm_sleeps_through_the_lead_then_polls_finely_then_gives_up():
     assert r.wait(0.0) == pytest.approx(sn.RHYTHM_LEAD * shortest)  # one sleep to the expected window
     assert r.wait(0.5) == pytest.approx(sn.RHYTHM_LEAD * shortest - 0.5)
     assert r.wait(0.85) == pytest.approx(shortest / sn.RHYTHM_STEPS)  # inside it: fine polls
-    assert r.wait(2.0) == sn.idle_wait(2.0)  # past 1.5x the longest gap: the rhythm broke
+    assert r.wait(2.1) == sn.idle_wait(2.1)  # past twice the shortest gap: idle_wait again
     assert r.wait(100.0) == sn.FLOWER_IDLE_S
 
 
@@ -129,8 +112,8 @@ def test_a_steady_rhythm_costs_fewer_pulls_and_a_bounded_delay(gap, jitter, seed
     rnd = random.Random(seed)
     gaps = [1000.0] + [gap * (1 + rnd.uniform(-jitter, jitter)) for _ in range(40)]  # a first, long wait
     r = sn.Rhythm()
-    empties, delays = _simulate(r.wait, r.observe, gaps, lead=r.lead)
-    plain, plain_delays = _simulate(sn.idle_wait, None, gaps)
+    empties, delays = sn.simulate_pulls(gaps, r)
+    plain, plain_delays = sn.simulate_pulls(gaps)
     learnt = slice(12, None)
     assert sum(empties[learnt]) < sum(plain[learnt]) / 2
     # a remembered midpoint can exceed its gap by half a fine poll, so the poll by 1/32 of itself
@@ -138,12 +121,25 @@ def test_a_steady_rhythm_costs_fewer_pulls_and_a_bounded_delay(gap, jitter, seed
     assert max(delays[learnt]) <= max(bound, max(plain_delays[learnt]))
 
 
+def test_gaps_of_two_kinds_poll_finely_only_around_the_short_one():
+    """A decryptor client under CKKS gets a decryption request just after each score request:
+    gaps alternate short and long. The long ones must not be polled at the short one's pace."""
+    gaps = [0.1, 1.0] * 12
+    r = sn.Rhythm()
+    empties, delays = sn.simulate_pulls(gaps, r)
+    plain, _ = sn.simulate_pulls(gaps)
+    long_ = slice(13, None, 2)
+    assert gaps[13] == 1.0
+    assert sum(empties[long_]) <= sum(plain[long_]) + len(empties[long_])
+    assert max(delays[long_]) <= 1.0 / 8 + 1e-9  # idle_wait's bound
+
+
 def test_a_message_earlier_than_the_rhythm_shortens_the_lead_geometrically():
     r = sn.Rhythm()
-    _simulate(r.wait, r.observe, [2.0] * 5, lead=r.lead)
+    sn.simulate_pulls([2.0] * 5, r)
     due = sn.RHYTHM_LEAD * min(r.gaps)
     assert 1.4 < due < 1.6
-    empties, delays = _simulate(r.wait, r.observe, [0.4] * 12, lead=r.lead)  # the server's steps got faster
+    empties, delays = sn.simulate_pulls([0.4] * 12, r)  # the server's steps got faster
     assert delays[0] == pytest.approx(due - 0.4)  # the first came during the lead: found at its end
     assert delays[1] == pytest.approx(sn.RHYTHM_LEAD ** 2 * due - 0.4)  # remembered as the lead of when it was found
     assert all(b < a for a, b in zip(delays[:4], delays[1:4]))

@@ -928,12 +928,18 @@ def _bytes(n: float) -> str:
 def _adaptive_wait(compute_s: float) -> float:
     """How long a request sent ``compute_s`` after a reply waits for the adaptive SuperNode's next
     pull (its schedule from ``deploy.supernode.idle_wait``, pull time itself left out)."""
-    from mor_secure.deploy.supernode import idle_wait
+    from mor_secure.deploy.supernode import simulate_pulls
 
-    t = 0.0
-    while t < compute_s:
-        t += idle_wait(t)
-    return t - compute_s
+    return simulate_pulls([compute_s])[1][0]
+
+
+def _rhythm_wait(compute_s: float, steps: int = 20) -> float:
+    """The same once the SuperNode has learnt the rhythm of requests that come every ``compute_s``
+    after its reply (``deploy.supernode.Rhythm``): the mean wait over the last half of ``steps``."""
+    from mor_secure.deploy.supernode import Rhythm, simulate_pulls
+
+    delays = simulate_pulls([compute_s] * steps, Rhythm())[1]
+    return sum(delays[steps // 2:]) / (steps - steps // 2)
 
 
 _DEPLOYED = {"tls": ("with a ClientApp process that loads everything per message", "without the service"),
@@ -1001,17 +1007,20 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
     full, relay = cold["full"], cold["relay"]
     compute = max(direct["step_s"] - direct["reward_s"], 0.0)  # the server's GRPO work between reward calls
     idle = 3.0 - compute if compute < 3.0 else 1.5  # past one sleep, a request lands at a random point of one
-    idle_a = _adaptive_wait(compute)
+    idle_a, learnt = _adaptive_wait(compute), _rhythm_wait(compute)
     fixed = idle + 0.05 + 0.25 + 0.1
-    fixed_a = idle_a + 0.05 + 0.01 + 0.1
-    fixed_e = idle_a + 0.02 + 0.01 + 0.1  # the executor polls AcquireTask every 0.02 s after a task
+    fixed_a = learnt + 0.05 + 0.01 + 0.1
+    fixed_e = learnt + 0.02 + 0.01 + 0.1  # the executor polls AcquireTask every 0.02 s after a task
     lines += ["", "Where the time goes, on Flower 1.42, for each message to a SuperNode:", "",
               f"- Flower's SuperNode pulls from the SuperLink every 3 s when it is idle (fixed in its source). "
               f"After a reply it pulls again at once, finds nothing (the server is still computing its next step, "
               f"{compute:.2f} s here) and sleeps 3 s: the next request waits about {idle:.1f} s (1.5 s on average "
               f"once the server computes for longer than 3 s). `mor-secure client supernode` runs the same "
               f"SuperNode with that one sleep replaced: an eighth of the time since its last message or reply, 0.02 s to 3 s "
-              f"(`mor_secure/deploy/supernode.py`); the next request then waits about {idle_a:.2f} s;",
+              f"(`mor_secure/deploy/supernode.py`); the next request then waits about {idle_a:.2f} s, and about "
+              f"{learnt:.2f} s once the node has learnt the steps' rhythm (`Rhythm`: it sleeps through 0.8 of the "
+              f"shortest recent gap, then pulls every tenth of it). The rhythm does not shorten this wait; it cuts "
+              f"the empty pulls, each a request the SuperLink serves while the round trip's own requests wait;",
               "- its SuperExec looks for tasks every 0.1 s (`FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1`, set by "
               "`mor_secure.deploy.local.flower_env` and the README recipe for SuperNodes; Flower's default is 1 s, "
               "which the SuperLink's own SuperExec keeps: `superlink_env`) and starts a "
@@ -1034,7 +1043,7 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
               "- Flower's SuperNode looks for the reply every 0.5 s (the adaptive one every 0.02 s), and the ServerApp "
               "pulls replies from the SuperLink every 0.02 s at first, then every eighth of the time waited so far, at "
               "most every 0.25 s; once round trips repeat, each of the three sleeps through most of the gap it learnt "
-              "and pulls every sixteenth of it near its end (`mor_secure.deploy.supernode.Rhythm`: every empty pull "
+              "and pulls every tenth of it near its end (`mor_secure.deploy.supernode.Rhythm`: every empty pull "
               "is a request the SuperLink serves, about 13 ms of its CPU here, and the ones a round trip waits for "
               "queue behind them) "
               "(`mor_secure.federation.channel.POLL_S`; Flower's `Grid.send_and_receive` waits 3 s between pulls).", "",
@@ -1043,10 +1052,10 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
               + (f"{s['tls']['reward_extra_s']:.1f} s" if "tls" in s else "n/a")
               + f"), {fixed + relay['process_s']:.1f} s with it (measured "
               + (f"{s['tls_service']['reward_extra_s']:.1f} s" if "tls_service" in s else "n/a")
-              + f"), {idle_a:.2f} + 0.05 + process + 0.01 + about 0.1 = {fixed_a + relay['process_s']:.1f} s with "
+              + f"), {learnt:.2f} + 0.05 + process + 0.01 + about 0.1 = {fixed_a + relay['process_s']:.1f} s with "
               f"the service and the adaptive poll (measured "
               + (f"{s['tls_adaptive']['reward_extra_s']:.1f} s" if "tls_adaptive" in s else "n/a")
-              + f"), {idle_a:.2f} + 0.02 + 0.01 + about 0.1 = {fixed_e:.1f} s with the service as executor (measured "
+              + f"), {learnt:.2f} + 0.02 + 0.01 + about 0.1 = {fixed_e:.1f} s with the service as executor (measured "
               + (f"{s['tls_executor']['reward_extra_s']:.1f} s" if "tls_executor" in s else "n/a")
               + f"); the clients' processes start at the same time on {cpus} shared CPUs.", *_hop_lines(b), ""]
     extra = s[best_side]["reward_extra_s"]

@@ -71,12 +71,12 @@ def idle_wait(idle_s: float, *, floor_s: float = FLOOR_S, ceiling_s: float = FLO
 
 #: :class:`Rhythm`: gaps remembered, gaps needed before it predicts, the share of the shortest
 #: remembered gap slept at once, the poll interval inside the expected window (that gap over
-#: ``RHYTHM_STEPS``), and how far past the longest gap it keeps that interval.
+#: ``RHYTHM_STEPS``), and up to what multiple of that gap it keeps that interval.
 RHYTHM_WINDOW = 5
 RHYTHM_MIN_GAPS = 3
 RHYTHM_LEAD = 0.8
 RHYTHM_STEPS = 10
-RHYTHM_SLACK = 1.5
+RHYTHM_SLACK = 2.0
 
 
 class Rhythm:
@@ -88,8 +88,9 @@ class Rhythm:
     waits for (BENCHMARKS.md, perf (b)). With at least ``RHYTHM_MIN_GAPS`` gaps remembered (the
     last ``RHYTHM_WINDOW``), a node idle for less than ``RHYTHM_LEAD`` of the shortest sleeps to
     that point at once, then polls every shortest / ``RHYTHM_STEPS`` (at least ``floor_s``) until
-    ``RHYTHM_SLACK`` times the longest; past that, or without enough gaps, it is
-    :func:`idle_wait`.
+    ``RHYTHM_SLACK`` times the shortest; past that, or without enough gaps, it is :func:`idle_wait`
+    (so gaps of two kinds, such as a CKKS decryption request just after each score request, poll
+    finely only around the short one).
 
     A gap is known only to lie between the last empty pull and the pull that found the message
     (or between the node's last message and that pull, if no pull was empty): the midpoint is
@@ -146,9 +147,27 @@ class Rhythm:
         if idle_s < due:
             self._leapt = True
             return min(self.ceiling_s, max(self.floor_s, due - idle_s))
-        if idle_s <= RHYTHM_SLACK * max(self.gaps):
+        if idle_s <= RHYTHM_SLACK * shortest:
             return min(base, max(self.floor_s, shortest / RHYTHM_STEPS))
         return base
+
+
+def simulate_pulls(gaps: Sequence[float], rhythm: Rhythm | None = None) -> tuple[list[int], list[float]]:
+    """A model of one node's pulls: after each message it pulls at once (after ``rhythm.lead``,
+    with a rhythm), then after each wait (``rhythm.wait``, else :func:`idle_wait`); the k-th next
+    message is there ``gaps[k]`` seconds after the last one ended. Pulls take no time. Returns the
+    empty pulls and the delay (found - there) of each message."""
+    empties, delays = [], []
+    for gap in gaps:
+        idle, n = (rhythm.lead(0.0) if rhythm is not None else 0.0), 0
+        while idle < gap:
+            n += 1
+            idle += rhythm.wait(idle) if rhythm is not None else idle_wait(idle)
+        if rhythm is not None:
+            rhythm.observe(idle)
+        empties.append(n)
+        delays.append(idle - gap)
+    return empties, delays
 
 
 class AdaptiveClock:
