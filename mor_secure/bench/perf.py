@@ -1044,7 +1044,7 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
               "pulls replies from the SuperLink every 0.02 s at first, then every eighth of the time waited so far, at "
               "most every 0.25 s; once round trips repeat, each of the three sleeps through most of the gap it learnt "
               "and pulls every tenth of it near its end (`mor_secure.deploy.supernode.Rhythm`: every empty pull "
-              "is a request the SuperLink serves, about 13 ms of its CPU here, and the ones a round trip waits for "
+              "is a request the SuperLink serves on its one event loop, and the requests a round trip waits for "
               "queue behind them) "
               "(`mor_secure.federation.channel.POLL_S`; Flower's `Grid.send_and_receive` waits 3 s between pulls).", "",
               f"Expected extra per reward round trip: {idle:.1f} + 0.05 + process + 0.25 + about 0.1 = "
