@@ -139,16 +139,12 @@ class Rhythm:
     def wait(self, idle_s: float) -> float:
         """Seconds to sleep after an empty pull, ``idle_s`` seconds after the last message ended."""
         self._empty, self._leapt = idle_s, False
+        rest = self.lead(idle_s)
+        if rest > 0:
+            return max(self.floor_s, rest)
         base = idle_wait(idle_s, floor_s=self.floor_s, ceiling_s=self.ceiling_s, fraction=self.fraction)
-        if len(self.gaps) < RHYTHM_MIN_GAPS:
-            return base
-        shortest = min(self.gaps)
-        due = RHYTHM_LEAD * shortest
-        if idle_s < due:
-            self._leapt = True
-            return min(self.ceiling_s, max(self.floor_s, due - idle_s))
-        if idle_s <= RHYTHM_SLACK * shortest:
-            return min(base, max(self.floor_s, shortest / RHYTHM_STEPS))
+        if len(self.gaps) >= RHYTHM_MIN_GAPS and idle_s <= RHYTHM_SLACK * min(self.gaps):
+            return min(base, max(self.floor_s, min(self.gaps) / RHYTHM_STEPS))
         return base
 
 
