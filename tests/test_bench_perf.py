@@ -156,6 +156,26 @@ def test_transport_verdict_reads_the_best_deployment_side_and_explains_the_waits
             "ServerAppIo APIs, one call per object of a message, and the polls for them) take 1.15 s, the hops "
             "between the SuperNode and its executor (hops 3, 5: its Runtime API and the executor's polls) 0.10 s, "
             "and scoring 0.25 s") in table
+    assert "The SuperLink in these round trips" not in table  # measured before requests and CPU were
+    execd["clients"] = 3
+    execd["extra_runs"]["tls_executor"].update(
+        requests={"round_trips": 2, "total": 40.0, "per_path": {"/v1/fleet/pull-object": 30.0,
+                                                              "/v1/runtime/push-messages": 10.0}},
+        superlink_cpu_s=[0.5, 0.6, 0.7])
+    table = "\n".join(_transport_analysis(execd, 2)).split("Measured hop by hop")[1]
+    assert ("sent it 40.0 requests per round trip (means over 2; 30.0 pull-object (fleet), 10.0 push-messages "
+            "(runtime))") in table
+    assert "used 0.60 s of CPU per round trip (median over 3, sampled every 0.05 s), **15 ms per request**" in table
+    assert "the hops through the SuperLink took 1.15 s" in table
+    # no empty poll in this made-up trace (it has no pull-messages at all): all 40 requests are needed
+    step = execd["extra_runs"]["tls_executor"]["direct"]["step_s"]
+    assert (f"would still send it 40.0 requests: at 15 ms each, 0.60 s of its CPU per step, against the "
+            f"{0.5 * step:.2f} s per step that 1.5x allows") in table
+    execd["extra_runs"]["tls_executor"]["requests"]["per_path"] = {"/v1/fleet/pull-messages": 10.0,
+                                                                   "/v1/runtime/pull-messages": 4.0,
+                                                                   "/v1/fleet/pull-object": 26.0}
+    table = "\n".join(_transport_analysis(execd, 2)).split("Measured hop by hop")[1]
+    assert "would still send it 30.0 requests" in table  # 40 - (10 - 3 clients) - (4 - 1)
 
 
 def test_device_estimate_uses_one_reward_round_trip_per_step(tmp_path):

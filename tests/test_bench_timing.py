@@ -102,3 +102,35 @@ def test_paired_ratios_pair_steps_of_the_same_turn():
     assert per_repeat == pytest.approx([1.5, 2.0]) and pooled == pytest.approx(1.75)  # median of 1.5 x3, 2, 3, 2
     with pytest.raises(ValueError):  # steps that do not line up are an error, not a silent truncation
         paired_ratios([{"cpu_intervals": [0.3]}], [{"cpu_intervals": [0.2, 0.2]}])
+
+
+def test_cpu_sampler_reads_another_process_cpu_between_two_moments():
+    """The SuperLink's CPU per round trip in ``bench perf`` (b): a child that computes for a while and
+    then sleeps shows that CPU time in the first span and next to none in the second; outside the
+    sampled span there is no value."""
+    import subprocess
+    import sys
+    import time
+
+    from mor_secure.bench.timing import CpuSampler
+
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                              "while time.process_time() < t + 0.6: pass\ntime.sleep(30)"])
+    try:
+        sampler = CpuSampler(child.pid, every_s=0.02)
+        start = time.time()
+        deadline = start + 60
+        while time.time() < deadline and (sampler.samples[-1][1] if sampler.samples else 0) < 0.6:
+            time.sleep(0.05)
+        time.sleep(0.3)  # the child's busy part is over: 0.6 s, and its start, now behind it
+        busy_end = time.time()
+        time.sleep(0.5)
+        idle_end = time.time()
+        time.sleep(0.1)
+        sampler.stop()
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    assert sampler.between(sampler.samples[0][0], busy_end) == pytest.approx(0.6, abs=0.15)
+    assert sampler.between(busy_end + 0.05, idle_end) < 0.05
+    assert sampler.at(start - 60) is None and sampler.between(start, idle_end + 60) is None

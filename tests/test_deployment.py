@@ -244,6 +244,13 @@ def test_hop_trace_splits_each_score_round_trip_of_the_executor_client(job, link
     # poll wait (which may overlap the reply's push) took time in the typical round trip
     medians = {h["event"]: h["median_s"] for h in path["hops"]}
     assert all(v > 0 for e, v in medians.items() if e != hops.SERVER_PULL), medians
+    # the ServerApp and gamma's SuperNode traced their requests to the SuperLink: in each round trip
+    # the server pushed the request and pulled the replies, gamma pulled it, its objects, and pushed one
+    sent = hops.requests_per_trip(*hops.read_deployment(link["root"] / "hops", [EXECUTOR_CLIENT]), kind="query.score")
+    assert sent["round_trips"] == path["round_trips"], sent
+    for route in ("/v1/runtime/push-messages", "/v1/runtime/pull-messages", "/v1/fleet/pull-messages",
+                  "/v1/fleet/pull-object", "/v1/fleet/push-messages"):
+        assert sent["per_path"].get(route, 0) >= 1, (route, sent)
 
 
 @pytest.mark.parametrize("secret", [None, b"not the folder's secret"], ids=["no-secret", "wrong-secret"])

@@ -86,3 +86,72 @@ def test_a_trace_that_cannot_be_written_turns_tracing_off_without_raising(tmp_pa
     monkeypatch.setenv(hops.ENV, str(good))
     hops.note("server.push")
     assert [e["event"] for e in hops.read(good)] == ["server.push"]
+
+
+def test_trace_requests_notes_each_request_path_only_with_a_trace(tmp_path, monkeypatch):
+    """Each request sent through httpx (Flower's HTTP client) is one ``http`` event with its path (no
+    query), to a real server on loopback; without a trace httpx is left as it is."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import httpx
+
+    monkeypatch.setattr(httpx.Client, "send", httpx.Client.send)  # restored after the test
+    original = httpx.Client.send
+    monkeypatch.delenv(hops.ENV, raising=False)
+    assert hops.trace_requests() is False and httpx.Client.send is original
+
+    class Ok(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    path = tmp_path / "trace.jsonl"
+    monkeypatch.setenv(hops.ENV, str(path))
+    try:
+        assert hops.trace_requests() is True and hops.trace_requests() is True  # a second call wraps nothing more
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        with httpx.Client(timeout=10) as client:
+            assert client.post(f"{base}/v1/fleet/pull-messages?x=1", content=b"{}").status_code == 200
+            assert client.post(f"{base}/v1/fleet/pull-object", content=b"{}").status_code == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+    sent = [e for e in hops.read(path) if e["event"] == hops.HTTP]
+    assert [e["path"] for e in sent] == ["/v1/fleet/pull-messages", "/v1/fleet/pull-object"]
+
+
+def test_requests_per_trip_counts_the_requests_inside_each_completed_round_trip():
+    """Requests between a score push and its replies count, from the server and every client; those
+    outside (the server's compute between steps) and those of a timed-out round trip do not."""
+    server = [{"t": 10.0, "event": "server.push", "kind": "query.score"},
+              {"t": 10.1, "event": "http", "path": "/v1/runtime/push-messages"},
+              {"t": 10.9, "event": "http", "path": "/v1/runtime/pull-messages"},
+              {"t": 11.0, "event": "server.replies"},
+              {"t": 11.5, "event": "http", "path": "/v1/runtime/pull-messages"},  # between steps
+              {"t": 20.0, "event": "server.push", "kind": "query.score"},  # timed out: no replies
+              {"t": 20.2, "event": "http", "path": "/v1/runtime/pull-messages"},
+              {"t": 30.0, "event": "server.push", "kind": "query.score"},
+              {"t": 30.9, "event": "http", "path": "/v1/runtime/pull-messages"},
+              {"t": 31.0, "event": "server.replies"}]
+    a = [{"t": 10.3, "event": "http", "path": "/v1/fleet/pull-messages"},
+         {"t": 10.4, "event": "supernode.received"},
+         {"t": 10.5, "event": "http", "path": "/v1/fleet/pull-object"},
+         {"t": 10.6, "event": "http", "path": "/v1/fleet/pull-object"},
+         {"t": 30.5, "event": "http", "path": "/v1/fleet/pull-messages"}]
+    b = [{"t": 10.3, "event": "http", "path": "/v1/fleet/pull-messages"}, {"t": 15.0, "event": "http",
+                                                                            "path": "/v1/fleet/pull-messages"}]
+    out = hops.requests_per_trip(server, [a, b], kind="query.score")
+    assert out["round_trips"] == 2 and hops.round_trips(server, kind="query.score") == [(10.0, 11.0), (30.0, 31.0)]
+    assert out["per_path"] == {"/v1/fleet/pull-messages": 1.5, "/v1/runtime/pull-messages": 1.0,
+                               "/v1/fleet/pull-object": 1.0, "/v1/runtime/push-messages": 0.5}
+    assert out["total"] == 4.0
+    assert hops.requests_per_trip(server[:1], [a]) == {"round_trips": 0}

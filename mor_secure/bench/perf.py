@@ -60,7 +60,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mor_secure.bench.calibration import dpsgd_plans_once
-from mor_secure.bench.timing import (TimedReward, client_rm, median, paired_ratios, ratios, row_or_raise,
+from mor_secure.bench.timing import (CpuSampler, TimedReward, client_rm, median, paired_ratios, ratios, row_or_raise,
                                      train_interleaved, train_once, try_mode)
 from mor_secure.config import GrpoSection, RunConfig, parse_config
 from mor_secure.errors import ConfigError
@@ -477,6 +477,7 @@ def _make_server_app():
         from mor_secure.quiet import quiet_libraries
 
         quiet_libraries()
+        hops.trace_requests()
         spec_path = Path(str(context.run_config["spec"]))
         spec = json.loads(spec_path.read_text())
         result_path = Path(spec["result"])
@@ -562,9 +563,10 @@ def _deployment_run(root: Path, names: list[str], kits, folders: list[Path], spe
         return {**env, hops.ENV: str(trace_dir / f"{name}.jsonl")}
 
     with ProcessGroup(root / "logs") as group:
-        group.start("superlink", ["timeout", limit, *superlink_argv(kits.server_dir, LOOPBACK, port)],
-                    superlink_env(traced("server")), cwd=root, cpus=server_cpus)
+        link = group.start("superlink", ["timeout", limit, *superlink_argv(kits.server_dir, LOOPBACK, port)],
+                           superlink_env(traced("server")), cwd=root, cpus=server_cpus)
         wait_for_port(LOOPBACK, port, timeout_s=60)
+        link_cpu = CpuSampler(_superlink_pid(link.pid))
         for name, folder in zip(names, folders):
             reg = subprocess.run(["flwr", "supernode", "register", str(kits.server_dir / "supernodes" / f"{name}.pub"),
                                   "bench"], env=env, capture_output=True, text=True, timeout=60)
@@ -604,6 +606,7 @@ def _deployment_run(root: Path, names: list[str], kits, folders: list[Path], spe
                 except (OSError, ValueError, KeyError):
                     pass
                 time.sleep(1.0)
+        link_cpu.stop()
         if not result_path.exists():
             logs = {n: group.log(n)[-1500:] for n in group.procs}
             raise TimeoutError(f"the bench ServerApp gave no result within {timeout_s:.0f}s; logs: "
@@ -615,8 +618,26 @@ def _deployment_run(root: Path, names: list[str], kits, folders: list[Path], spe
         raise RuntimeError(f"the ServerApp ran on CPUs {result.get('server_cpus')}, not on the server's "
                            f"{server_cpus}: the clients' CPUs were not their own")
     result["client_cpus"] = client_cpus
-    result["hops"] = hops.critical_path(*hops.read_deployment(trace_dir, names), kind="query.score")
+    server, clients = hops.read_deployment(trace_dir, names)
+    result["hops"] = hops.critical_path(server, clients, kind="query.score")
+    result["requests"] = hops.requests_per_trip(server, clients, kind="query.score")
+    cpu = [link_cpu.between(*trip) for trip in hops.round_trips(server, kind="query.score")]
+    result["superlink_cpu_s"] = [c for c in cpu if c is not None]  # per round trip
     return result
+
+
+def _superlink_pid(launcher: int) -> int:
+    """The ``flower-superlink`` process started through ``launcher`` (``timeout``, ``taskset``)."""
+    import psutil
+
+    family = [psutil.Process(launcher), *psutil.Process(launcher).children(recursive=True)]
+    for p in family:
+        try:
+            if any(Path(arg).name == "flower-superlink" for arg in p.cmdline()[:2]):
+                return p.pid
+        except psutil.Error:
+            continue
+    raise RuntimeError(f"no flower-superlink process under process {launcher}")
 
 
 _COLD_START = """
@@ -725,7 +746,8 @@ def bench_grpo_transport(clients: int = 3, *, steps: int = 3, repeats: int = 2, 
                 result["extra_runs"][side] = {"direct": run["sides"]["direct"], "order_by_repeat": run["order_by_repeat"],
                                               "settle_s": run["settle_s"], "steps_per_generation": k, **how,
                                               "server_cpus": run["server_cpus"], "client_cpus": run["client_cpus"],
-                                              "hops": run["hops"]}
+                                              "hops": run["hops"], "requests": run["requests"],
+                                              "superlink_cpu_s": run["superlink_cpu_s"]}
             result["clientapp_cold_start"] = clientapp_cold_start(Path(copies["direct"][0]))
         else:
             with tqdm(total=repeats * len(sides) * steps, desc="(b) GRPO steps, all sides",
@@ -1125,7 +1147,37 @@ def _hop_lines(b: dict) -> list[str]:
             f"{part(_LINK_HOPS):.2f} s, the hops between the SuperNode and its executor (hops "
             f"{_hop_numbers(_LOCAL_HOPS)}: its Runtime API and the executor's polls) {part(_LOCAL_HOPS):.2f} s, "
             f"and scoring {part(('executor.answered',)):.2f} s (medians of the sums).")
+        lines += _superlink_lines(b["extra_runs"][side], part(_LINK_HOPS), b.get("clients"))
     return lines
+
+
+def _superlink_lines(run: dict, link_hops_s: float, clients: int | None) -> list[str]:
+    """What one deployment's round trips asked of the SuperLink: requests (``hops.requests_per_trip``)
+    and the SuperLink process's CPU time per round trip; none for results measured before both were.
+    With them, the requests a round trip makes even without an empty poll (one pull for messages by
+    each SuperNode and one by the server), at the measured CPU per request, against what the target
+    allows per step."""
+    req, cpu = run.get("requests") or {}, run.get("superlink_cpu_s") or []
+    if not req.get("round_trips") or not cpu:
+        return []
+    per_trip = median(cpu)
+    per_request = per_trip / req["total"]
+    polls = req["per_path"].get("/v1/fleet/pull-messages", 0.0), req["per_path"].get("/v1/runtime/pull-messages", 0.0)
+    needed = req["total"] - max(0.0, polls[0] - clients) - max(0.0, polls[1] - 1)
+    allowed = 0.5 * run["direct"]["step_s"]
+    paths = ", ".join(f"{n:.1f} {p.rsplit('/', 1)[-1]} ({p.split('/')[2]})" for p, n in req["per_path"].items())
+    return [f"  The SuperLink in these round trips: the ServerApp and the SuperNodes sent it {req['total']:.1f} "
+            f"requests per round trip (means over {req['round_trips']}; {paths}), each traced as it was sent "
+            f"(`hops.trace_requests`); its process used {per_trip:.2f} s of CPU per round trip (median over "
+            f"{len(cpu)}, sampled every 0.05 s), **{1000 * per_trip / req['total']:.0f} ms per request** (its "
+            f"own SuperExec's requests for a ServerApp to start, about one a second, are in its CPU but not in "
+            f"the count). For comparison, the hops through the SuperLink took {link_hops_s:.2f} s; it serves "
+            f"requests on one event loop, so a request that comes while it computes waits for it. Without a "
+            f"single empty poll (one pull for messages by each of the {clients} SuperNodes and one by the server) "
+            f"a round trip would still send it {needed:.1f} requests: at {1000 * per_request:.0f} ms each, "
+            f"{needed * per_request:.2f} s of its CPU per step, against the {allowed:.2f} s per step that 1.5x "
+            f"allows over this run's in-process step ({run['direct']['step_s']:.2f} s). (An empty poll is likely "
+            f"cheaper than a request that carries an object, so the average understates what the others cost.)"]
 
 
 _K4_TEXT = (f", and a fifth like the fourth with {ROUND_TRIP_STEPS} GRPO steps per reward round trip on both of its "

@@ -6,6 +6,7 @@ runs where only the model stack is installed.
 
 from __future__ import annotations
 
+import bisect
 import statistics
 import threading
 import time
@@ -210,3 +211,48 @@ class TimedReward:
         if self.on_call is not None:
             self.on_call()
         return out
+
+
+class CpuSampler:
+    """The CPU time (user + system, its own threads, not its children's) of one process, sampled
+    every ``every_s`` on a thread of this process until ``stop``; :meth:`between` interpolates
+    between samples on the wall clock (``time.time``, the clock of ``federation.hops``)."""
+
+    def __init__(self, pid: int, every_s: float = 0.05) -> None:
+        import psutil
+
+        self._proc = psutil.Process(pid)
+        self._every = every_s
+        self.samples: list[tuple[float, float]] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._done.is_set():
+            try:
+                times = self._proc.cpu_times()
+            except psutil.Error:  # the process ended
+                return
+            self.samples.append((time.time(), times.user + times.system))
+            self._done.wait(self._every)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+
+    def at(self, t: float) -> float | None:
+        """The process's CPU seconds at wall-clock ``t`` (linear between the samples around it);
+        None outside the sampled span."""
+        s = self.samples
+        if len(s) < 2 or not s[0][0] <= t <= s[-1][0]:
+            return None
+        i = max(1, bisect.bisect_left(s, (t, float("-inf"))))
+        (t0, c0), (t1, c1) = s[i - 1], s[i]
+        return c0 if t1 == t0 else c0 + (c1 - c0) * (t - t0) / (t1 - t0)
+
+    def between(self, t0: float, t1: float) -> float | None:
+        a, b = self.at(t0), self.at(t1)
+        return None if a is None or b is None else b - a

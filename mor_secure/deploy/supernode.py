@@ -298,6 +298,7 @@ def main(argv: Sequence[str], *, floor_s: float = FLOOR_S, local_poll_s: float =
     from flwr.supernode.cli import flower_supernode
 
     clock = AdaptiveClock(floor_s=floor_s, local_poll_s=local_poll_s)
+    hops.trace_requests()
     pulls = short_pull_backoff(loop_module)
     polls = install(loop_module, clock)
     if pulls != polls:

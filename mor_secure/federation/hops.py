@@ -7,10 +7,14 @@ per event to PATH: ``{"t": wall-clock seconds, "event": name}``. Without the var
 service as ClientApp executor (``federation.runtime_executor``). All the processes of a
 loopback deployment share one clock, so the events of one round trip can be laid on one time
 line (:func:`critical_path`). Nothing a client releases is traced: names and times only.
+
+:func:`trace_requests` also notes every HTTP request a traced process sends to Flower's APIs (its
+path), so that :func:`requests_per_trip` can count what one round trip asks of the SuperLink.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -55,6 +59,32 @@ def note(event: str, **detail) -> None:
             log.warning("hop trace %s=%s cannot be written (%s); tracing is off in this process", ENV, path, exc)
 
 
+HTTP = "http"
+
+
+def trace_requests() -> bool:
+    """In a process with a hop trace (``MOR_SECURE_HOP_TRACE``), note each HTTP request it sends
+    through ``httpx.Client`` (Flower 1.42's SuperNode, ServerApp and SuperExec talk to the SuperLink
+    through it) as an ``http`` event with the request's path, when it is sent. Nothing without the
+    variable. Returns whether requests are traced; calling it again changes nothing."""
+    if not os.environ.get(ENV):
+        return False
+    import httpx
+
+    send = httpx.Client.send
+    if getattr(send, "_hop_traced", False):
+        return True
+
+    @functools.wraps(send)
+    def traced_send(self, request, *args, **kwargs):
+        note(HTTP, path=request.url.path)
+        return send(self, request, *args, **kwargs)
+
+    traced_send._hop_traced = True
+    httpx.Client.send = traced_send
+    return True
+
+
 def read(path: Path | str) -> list[dict]:
     """The events in a trace file (none if it does not exist); a torn last line is skipped."""
     path = Path(path)
@@ -97,6 +127,41 @@ def _first(events: Sequence[dict], name: str, start: float, end: float) -> float
     return next((e["t"] for e in events if e["event"] == name and start <= e["t"] <= end), None)
 
 
+def round_trips(server: Sequence[dict], kind: str | None = None) -> list[tuple[float, float]]:
+    """(push, last reply) of each completed round trip in the ServerApp's events: from a
+    ``server.push`` (of message type ``kind``, if given) to the ``server.replies`` before the next
+    push of any kind; a round trip that timed out has none and is left out."""
+    every_push = sorted(e["t"] for e in server if e["event"] == SERVER_PUSH)
+    pushes = [e["t"] for e in server if e["event"] == SERVER_PUSH and (kind is None or e.get("kind") == kind)]
+    trips = []
+    for start in pushes:
+        following = next((t for t in every_push if t > start), float("inf"))
+        end = _first(server, SERVER_DONE, start, following)
+        if end is not None:
+            trips.append((start, end))
+    return trips
+
+
+def requests_per_trip(server: Sequence[dict], clients: Iterable[Sequence[dict]], kind: str | None = None) -> dict:
+    """What each completed round trip (:func:`round_trips`) asked of the SuperLink: the ``http``
+    events (:func:`trace_requests`) of the ServerApp and of every client between the push and the
+    last reply, per request path. Only traced processes count: the SuperLink's own SuperExec
+    (which asks for a ServerApp to start about once a second) is not one. Returns the number of
+    round trips, and the mean per round trip of each path and of all."""
+    trips = round_trips(server, kind)
+    if not trips:
+        return {"round_trips": 0}
+    sent = [e for events in (server, *clients) for e in events if e["event"] == HTTP]
+    per_path: dict[str, int] = {}
+    for start, end in trips:
+        for e in sent:
+            if start <= e["t"] <= end:
+                per_path[e.get("path", "?")] = per_path.get(e.get("path", "?"), 0) + 1
+    n = len(trips)
+    return {"round_trips": n, "total": sum(per_path.values()) / n,
+            "per_path": {p: c / n for p, c in sorted(per_path.items(), key=lambda pc: -pc[1])}}
+
+
 def critical_path(server: Sequence[dict], clients: Iterable[Sequence[dict]], kind: str | None = None) -> dict:
     """Split each round trip, from the server's push to its last reply, into ``HOPS``.
 
@@ -111,17 +176,11 @@ def critical_path(server: Sequence[dict], clients: Iterable[Sequence[dict]], kin
     hop and in all the median seconds over them (medians need not add up to the total's median),
     and each round trip's hops (``per_trip``, in ``HOPS`` order).
     """
-    every_push = sorted(e["t"] for e in server if e["event"] == SERVER_PUSH)
-    pushes = [e["t"] for e in server if e["event"] == SERVER_PUSH and (kind is None or e.get("kind") == kind)]
     clients = [sorted(c, key=lambda e: e["t"]) for c in clients]
     pulls = sorted(e["t"] for e in server if e["event"] == SERVER_PULL)
     per_hop: dict[str, list[float]] = {name: [] for name, _ in HOPS}
     totals, trips = [], []
-    for start in pushes:
-        following = next((t for t in every_push if t > start), float("inf"))
-        end = _first(server, SERVER_DONE, start, following)
-        if end is None:
-            continue
+    for start, end in round_trips(server, kind):
         sent = [(_first(c, "supernode.sent", start, end), c) for c in clients]
         if not sent or any(t is None for t, _ in sent):
             continue

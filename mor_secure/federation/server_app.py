@@ -25,6 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from mor_secure.config import load_config
 from mor_secure.crypto import ckks
 from mor_secure.errors import ConfigError
+from mor_secure.federation import hops
 from mor_secure.federation.orchestrator import run_server, write_json
 
 
@@ -77,6 +78,7 @@ def make_server_app(run_dir: Path | None = None, progress: bool = True) -> Serve
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        hops.trace_requests()  # only with a hop trace (bench perf, the deployment test)
         folder = run_dir
         if folder is None:
             from mor_secure.runner import prepare_from_run_config
