@@ -112,6 +112,9 @@ def test_transport_verdict_reads_the_best_deployment_side_and_explains_the_waits
     ex = "\n".join(_transport_analysis(execd, 2))
     assert ex.startswith("Target (b) **missed**: 2.00x with the service as its SuperNode's ClientApp executor")
     assert "as executor (measured 0.5 s)" in ex and "steps that take over 1.0 s in-process" in ex
+    # the step grows by 2.0 - 0.5 s: 0.5 s in the reward call, the rest in the GRPO computation beside it
+    assert ("With the service as executor, the whole step grows by 1.50 s over its own in-process side: 0.50 s in "
+            "the reward call and 1.00 s in the rest of the step") in ex.split("\n")[0]
     assert "relay process" not in ex.split("On a dedicated machine")[1]  # no process per message to count
     assert "steps per reward round trip" not in ex  # no such deployment in this result
     execd["sides"]["tls_executor_k4"] = dict(execd["sides"]["tls_executor"], ratio=1.3, ratio_by_repeat=[1.3],

@@ -992,6 +992,16 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
              + f" ({s['grid']['ratio']:.2f}x with Flower messages alone, in-process). The reward call grows by "
              + ", ".join(f"{s[side]['reward_extra_s']:.2f} s per step {_DEPLOYED[side][1]}" for side in deployed)
              + f", and {s['grid']['reward_extra_s']:.3f} s with in-process Flower messages."]
+    for side in (d for d in deployed if d.startswith("tls_executor")):
+        own = b.get("extra_runs", {}).get(side, {}).get("direct", direct)  # the side's own in-process side
+        growth, reward = s[side]["step_s"] - own["step_s"], s[side]["reward_extra_s"]
+        lines[0] += (f" {_DEPLOYED[side][1][0].upper() + _DEPLOYED[side][1][1:]}, the whole step grows by "
+                     f"{growth:.2f} s over its own in-process side: {reward:.2f} s in the reward call and "
+                     f"{growth - reward:.2f} s in the rest of the step, the GRPO computation, which "
+                     + ("shares its CPU with the SuperLink (the clients' processes are on the others)."
+                        if side.endswith("_hosts") else
+                        f"runs beside the deployment's processes (SuperLink, SuperNodes, services) on the same "
+                        f"{cpus} CPUs."))
     hosts = b.get("extra_runs", {}).get("tls_executor_hosts")
     if hosts is not None:
         lines += ["", f"With the clients on their own CPU, as on separate hosts (the SuperLink and the ServerApp it "
