@@ -172,13 +172,16 @@ def test_transport_verdict_reads_the_best_deployment_side_and_explains_the_waits
     assert "the hops through the SuperLink took 1.15 s" in table
     # no empty poll in this made-up trace (it has no pull-messages at all): all 40 requests are needed
     step = execd["extra_runs"]["tls_executor"]["direct"]["step_s"]
-    assert (f"would still send it 40.0 requests: at 15 ms each, 0.60 s of its CPU per step, against the "
+    assert (f"would still send it 40.0 requests: at 15 ms each, 0.60 s of its CPU per round trip (one per step), against the "
             f"{0.5 * step:.2f} s per step that 1.5x allows") in table
     execd["extra_runs"]["tls_executor"]["requests"]["per_path"] = {"/v1/fleet/pull-messages": 10.0,
                                                                    "/v1/runtime/pull-messages": 4.0,
                                                                    "/v1/fleet/pull-object": 26.0}
     table = "\n".join(_transport_analysis(execd, 2)).split("Measured hop by hop")[1]
     assert "would still send it 30.0 requests" in table  # 40 - (10 - 3 clients) - (4 - 1)
+    del execd["clients"]  # without the client count the needed requests are not worked out
+    table = "\n".join(_transport_analysis(execd, 2)).split("Measured hop by hop")[1]
+    assert "**15 ms per request**" in table and "Without a single empty poll" not in table
 
 
 def test_device_estimate_uses_one_reward_round_trip_per_step(tmp_path):

@@ -1172,22 +1172,26 @@ def _superlink_lines(run: dict, link_hops_s: float, clients: int | None) -> list
         return []
     per_trip = median(cpu)
     per_request = per_trip / req["total"]
-    polls = req["per_path"].get("/v1/fleet/pull-messages", 0.0), req["per_path"].get("/v1/runtime/pull-messages", 0.0)
-    needed = req["total"] - max(0.0, polls[0] - clients) - max(0.0, polls[1] - 1)
-    allowed = 0.5 * run["direct"]["step_s"]
     paths = ", ".join(f"{n:.1f} {p.rsplit('/', 1)[-1]} ({p.split('/')[2]})" for p, n in req["per_path"].items())
-    return [f"  The SuperLink in these round trips: the ServerApp and the SuperNodes sent it {req['total']:.1f} "
+    text = (f"  The SuperLink in these round trips: the ServerApp and the SuperNodes sent it {req['total']:.1f} "
             f"requests per round trip (means over {req['round_trips']}; {paths}), each traced as it was sent "
             f"(`hops.trace_requests`); its process used {per_trip:.2f} s of CPU per round trip (median over "
-            f"{len(cpu)}, sampled every 0.05 s), **{1000 * per_trip / req['total']:.0f} ms per request** (its "
-            f"own SuperExec's requests for a ServerApp to start, about one a second, are in its CPU but not in "
-            f"the count). For comparison, the hops through the SuperLink took {link_hops_s:.2f} s; it serves "
-            f"requests on one event loop, so a request that comes while it computes waits for it. Without a "
-            f"single empty poll (one pull for messages by each of the {clients} SuperNodes and one by the server) "
-            f"a round trip would still send it {needed:.1f} requests: at {1000 * per_request:.0f} ms each, "
-            f"{needed * per_request:.2f} s of its CPU per step, against the {allowed:.2f} s per step that 1.5x "
-            f"allows over this run's in-process step ({run['direct']['step_s']:.2f} s). (An empty poll is likely "
-            f"cheaper than a request that carries an object, so the average understates what the others cost.)"]
+            f"{len(cpu)}, sampled every 0.05 s), **{1000 * per_request:.0f} ms per request** (its own "
+            f"SuperExec's requests for a ServerApp to start, about one a second, are in its CPU but not in the "
+            f"count). For comparison, the hops through the SuperLink took {link_hops_s:.2f} s; it serves "
+            f"requests on one event loop, so a request that comes while it computes waits for it.")
+    if clients:
+        polls = (req["per_path"].get("/v1/fleet/pull-messages", 0.0),
+                 req["per_path"].get("/v1/runtime/pull-messages", 0.0))
+        needed = req["total"] - max(0.0, polls[0] - clients) - max(0.0, polls[1] - 1)
+        allowed = (TARGET_RATIO - 1) * run["direct"]["step_s"]
+        text += (f" Without a single empty poll (one pull for messages by each of the {clients} SuperNodes and one "
+                 f"by the server) a round trip would still send it {needed:.1f} requests: at "
+                 f"{1000 * per_request:.0f} ms each, {needed * per_request:.2f} s of its CPU per round trip (one per "
+                 f"step), against the {allowed:.2f} s per step that {TARGET_RATIO}x allows over this run's "
+                 f"in-process step ({run['direct']['step_s']:.2f} s). (An empty poll is likely cheaper than a "
+                 f"request that carries an object, so the average understates what the others cost.)")
+    return [text]
 
 
 _K4_TEXT = (f", and a fifth like the fourth with {ROUND_TRIP_STEPS} GRPO steps per reward round trip on both of its "
