@@ -305,7 +305,7 @@ def test_committed_results_still_describe_the_configs():
 
     stored = json.loads((Path(__file__).parents[1] / "benchmarks" / "alignment_results.json").read_text())
     extra = {"fedavg_rounds": Options().fedavg_rounds, "quick": False}
-    for name in ("shapes", "digits"):
+    for name in ("shapes", "digits", "shapes-heldout"):
         assert stored["tracks"][name]["fingerprint"] == load_track(name).fingerprint(extra), name
     other = load_track("shapes", overrides=["grpo.steps_per_generation=2"]).fingerprint(extra)
     assert other != stored["tracks"]["shapes"]["fingerprint"]
