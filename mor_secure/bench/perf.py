@@ -980,6 +980,11 @@ _DEPLOYED = {"tls": ("with a ClientApp process that loads everything per message
 _ONE_PER_STEP = ("tls_executor_hosts", "tls_executor", "tls_adaptive", "tls_service", "tls")
 
 
+def _as_sentence(phrase: str) -> str:
+    """``phrase`` with its first letter capitalised (the rest as it is), to open a sentence."""
+    return phrase[:1].upper() + phrase[1:]
+
+
 def _transport_analysis(b: dict, cpus) -> list[str]:
     """Target (b)'s verdict and where the deployment runtime's time goes, from the measured numbers."""
     s, direct = b["sides"], b["sides"]["direct"]
@@ -995,7 +1000,7 @@ def _transport_analysis(b: dict, cpus) -> list[str]:
     for side in (d for d in deployed if d.startswith("tls_executor")):
         own = b.get("extra_runs", {}).get(side, {}).get("direct", direct)  # the side's own in-process side
         growth, reward = s[side]["step_s"] - own["step_s"], s[side]["reward_extra_s"]
-        lines[0] += (f" {_DEPLOYED[side][1][0].upper() + _DEPLOYED[side][1][1:]}, the whole step grows by "
+        lines[0] += (f" {_as_sentence(_DEPLOYED[side][1])}, the whole step grows by "
                      f"{growth:.2f} s over its own in-process side: {reward:.2f} s in the reward call and "
                      f"{growth - reward:.2f} s in the rest of the step, the GRPO computation, which "
                      + ("shares its CPU with the SuperLink (the clients' processes are on the others)."
@@ -1151,7 +1156,7 @@ def _hop_lines(b: dict) -> list[str]:
         def part(events):
             return median([sum(t[names.index(e)] for e in events) for t in trips])
         lines.append(
-            f"- {_DEPLOYED[side][1][0].upper() + _DEPLOYED[side][1][1:]}: of {runs[side]['total_s']:.2f} s per "
+            f"- {_as_sentence(_DEPLOYED[side][1])}: of {runs[side]['total_s']:.2f} s per "
             f"round trip, the hops through the SuperLink (hops {_hop_numbers(_LINK_HOPS)}: Flower's HTTP Fleet and "
             f"ServerAppIo APIs, one call per object of a message, and the polls for them) take "
             f"{part(_LINK_HOPS):.2f} s, the hops between the SuperNode and its executor (hops "
